@@ -1,0 +1,197 @@
+"""E2E data: loading from anywhere, the one prompt format, tokenization and batching.
+
+The task is extraction: a restaurant description in, its meaning representation (MR) such as
+``name[The Punter], eatType[coffee shop], food[Chinese]`` out. `build_prompts` is the single
+place the prompt is built; training, the pyfunc model and evaluation all call it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+import torch
+
+from databricks_llm import sample_data
+from databricks_llm.errors import InputError
+
+EMBEDDED_DATASET = "embedded:e2e-sample"
+PROMPT_VERSION = "v1"
+INSTRUCTION = (
+    "Extract the meaning representation of the restaurant description as comma-separated "
+    "slot[value] pairs."
+)
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "trainset": "train",
+    "validation": "validation", "valid": "validation", "val": "validation",
+    "dev": "validation", "devset": "validation", "devel": "validation",
+    "test": "test", "testset": "test",
+}
+_COLUMN_ALIASES = {"meaning_representation": "mr", "human_reference": "ref", "target": "ref"}
+_READERS = {
+    ".csv": pd.read_csv,
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".json": pd.read_json,
+    ".parquet": pd.read_parquet,
+}
+_SENTINEL = "\x00SENTENCE\x00"
+
+
+def _split_of(filename: str) -> str | None:
+    """Map a file name like ``devel-fixed.no-ol.csv`` or ``trainset.csv`` to a split."""
+    stem = Path(filename).name.split(".")[0].lower()
+    for part in [stem, *stem.replace("-", "_").split("_")]:
+        if part in _SPLIT_ALIASES:
+            return _SPLIT_ALIASES[part]
+    return None
+
+
+def _read_table(path: Path) -> datasets.Dataset:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise InputError(f"unsupported dataset file type '{path.suffix}' for {path} (use .csv, .jsonl, .json or .parquet)")
+    try:
+        frame = reader(path)
+    except UnicodeDecodeError as err:
+        raise InputError(f"dataset file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise InputError(f"cannot read dataset file {path}: {str(err).splitlines()[0]}") from None
+    return datasets.Dataset.from_pandas(frame.astype(object).where(frame.notna(), None), preserve_index=False)
+
+
+def _load_local(path: Path) -> dict[str, datasets.Dataset]:
+    if path.is_file():
+        return {_split_of(path.name) or "train": _read_table(path)}
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        return {(_SPLIT_ALIASES.get(k.lower(), k)): v for k, v in loaded.items()}
+    splits = {}
+    for file in sorted(path.iterdir()):
+        split = _split_of(file.name)
+        if file.suffix.lower() in _READERS and split and split not in splits:
+            splits[split] = _read_table(file)
+    if not splits:
+        raise InputError(f"dataset folder {path} has no train/validation/test .csv/.jsonl/.parquet files")
+    return splits
+
+
+def _load_hub(name: str) -> dict[str, datasets.Dataset]:
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # the hub client raises many types; all mean "cannot get it"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = " (the hub is offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if offline else ""
+        raise InputError(f"dataset '{name}' is not a local path and could not be loaded from the hub{hint}: {str(err).splitlines()[0]}") from None
+    return {_SPLIT_ALIASES.get(k.lower(), k): v for k, v in loaded.items()}
+
+
+def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Dataset:
+    """Rename to the `mr`/`ref` columns, drop the others and rows with an empty side."""
+    ds = ds.rename_columns({c: _COLUMN_ALIASES[c] for c in ds.column_names if c in _COLUMN_ALIASES and _COLUMN_ALIASES[c] not in ds.column_names})
+    if not {"mr", "ref"} <= set(ds.column_names):
+        raise InputError(
+            f"dataset {source} split '{split}' needs columns mr/ref (or meaning_representation/"
+            f"human_reference); found {', '.join(ds.column_names) or 'none'}"
+        )
+    ds = ds.select_columns(["mr", "ref"])
+    kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["ref"] or "").strip()))
+    if len(kept) < len(ds):
+        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or ref", flush=True)
+    if len(kept) == 0:
+        raise InputError(f"dataset {source} split '{split}' is empty")
+    return kept
+
+
+def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) -> datasets.DatasetDict:
+    """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder).
+
+    Returns train/validation/test splits with columns `mr` and `ref`. A missing validation
+    split is a seeded `validation_fraction` hold-out of train; a missing test split reuses
+    validation.
+    """
+    if dataset == EMBEDDED_DATASET:
+        raw = {s: datasets.Dataset.from_list(sample_data.generate(n, seed=i))
+               for i, (s, n) in enumerate([("train", 400), ("validation", 50), ("test", 50)])}
+    elif Path(dataset).exists():
+        raw = _load_local(Path(dataset))
+    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in _READERS:
+        raise InputError(f"dataset path {dataset} does not exist")
+    else:
+        raw = _load_hub(dataset)
+    splits = {k: _normalise(k, v, dataset) for k, v in raw.items() if k in SPLITS}
+    if "train" not in splits:
+        raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
+    if "validation" not in splits:
+        held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        splits["train"], splits["validation"] = held["train"], held["test"]
+    splits.setdefault("test", splits["validation"])
+    return datasets.DatasetDict(splits)
+
+
+def _prompt_parts(tokenizer: Any) -> tuple[str, str]:
+    """The text before and after the sentence, rendered once through the chat template if any."""
+    user = f"{INSTRUCTION}\n\nDescription: {_SENTINEL}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = f"### Instruction:\n{user}\n\n### Meaning representation:\n"
+        if tokenizer.bos_token:
+            text = tokenizer.bos_token + text
+    prefix, suffix = text.split(_SENTINEL)
+    return prefix, suffix
+
+
+def build_prompts(tokenizer: Any, sentences: list[str]) -> list[str]:
+    """The full prompt texts (what the model sees before the MR): the one prompt builder."""
+    prefix, suffix = _prompt_parts(tokenizer)
+    return [prefix + s.strip() + suffix for s in sentences]
+
+
+def encode_prompts(tokenizer: Any, sentences: list[str]) -> list[list[int]]:
+    """Token ids of the prompts for `sentences`, as training, serving and evaluation see them."""
+    return tokenizer(build_prompts(tokenizer, sentences), add_special_tokens=False)["input_ids"]
+
+
+def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: int) -> datasets.DatasetDict:
+    """Prompt + target ids with prompt labels masked (-100); the target ends with a learned EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError("the tokenizer has no EOS token; the model could not learn to stop")
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        prompts = encode_prompts(tokenizer, batch["ref"])
+        targets = tokenizer([m.strip() for m in batch["mr"]], add_special_tokens=False)["input_ids"]
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
+        for prompt, target in zip(prompts, targets):
+            if len(prompt) >= max_seq_length:
+                raise InputError(f"--max_seq_length={max_seq_length} is too small: a prompt has {len(prompt)} tokens")
+            target = (target + [eos])[: max_seq_length - len(prompt)]
+            out["input_ids"].append(prompt + target)
+            out["labels"].append([-100] * len(prompt) + target)
+            out["truncated"].append(target[-1] != eos)
+        return out
+
+    tokenized = ds.map(encode, batched=True, remove_columns=["mr", "ref"], desc="tokenize")
+    for split, part in tokenized.items():
+        if n := sum(part["truncated"]):
+            print(f"[data] {split}: {n} of {len(part)} targets truncated at --max_seq_length={max_seq_length}", flush=True)
+    return tokenized.remove_columns("truncated")
+
+
+def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row (dynamic padding; labels padded with -100)."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * gap)
+        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
+        batch["labels"].append(f["labels"] + [-100] * gap)
+    return {k: torch.tensor(v) for k, v in batch.items()}

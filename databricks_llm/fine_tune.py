@@ -1,0 +1,208 @@
+"""Fine-tune a causal LM on the E2E extraction task.
+
+    python -m databricks_llm.fine_tune --output_dir=outputs/checkpoints [flags]
+    deepspeed --num_gpus=N --module databricks_llm.fine_tune --deepspeed_config=ds_configs/ds_zero_3_cpu_offloading.json [flags]
+
+Every flag of transformers' TrainingArguments is accepted, plus the script flags below; run
+with --help for the list. Booleans take `--flag=true|false`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from databricks_llm.data import EMBEDDED_DATASET
+from databricks_llm.errors import InputError
+from databricks_llm.models import EMBEDDED_MODEL
+
+
+@dataclass
+class ScriptArguments:
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "Hub id, local HF folder, .gguf file, or the embedded SmolLM2-135M-Instruct."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer source (default: --model)."})
+    dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "Hub id (E2E layout), local CSV/JSONL/parquet file or folder, a save_to_disk folder, or the embedded sample."})
+    final_model_output_path: str | None = field(default=None, metadata={"help": "Where rank 0 writes the final model and tokenizer (default: <output_dir>/final_model)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (false: full fine-tune)."})
+    use_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (bitsandbytes, CUDA only)."})
+    deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
+    merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
+    max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
+
+
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/checkpoints", learning_rate=2e-4, num_train_epochs=1.0,
+    per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
+    eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
+    report_to="none", remove_unused_columns=False,
+)
+_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """Apply flag aliases; drop the launchers' extras (`--local_rank N`, a bare `--deepspeed`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        bare = not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        if name in ("--local_rank", "--local-rank"):
+            i += 1 if eq or bare else 2
+            continue
+        if not (name == "--deepspeed" and bare):
+            out.append(_ALIASES.get(name, name) + eq + value)
+        i += 1
+    return out
+
+
+def _validate(script: ScriptArguments, training) -> None:
+    """Everything that can be checked before a model or dataset is touched."""
+    from databricks_llm import models, runtime
+
+    runtime.check_precision(training.fp16, training.bf16)
+    if script.use_4bit:
+        if not script.use_lora:
+            raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
+        runtime.check_4bit()
+    if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
+        raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training, name) <= 0:
+            raise InputError(f"--{name} must be positive (got {getattr(training, name)})")
+    if script.max_seq_length <= 0:
+        raise InputError(f"--max_seq_length must be positive (got {script.max_seq_length})")
+    if script.deepspeed_config:
+        path = Path(script.deepspeed_config)
+        if not path.is_file():
+            raise InputError(f"--deepspeed_config {path} does not exist")
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
+    for out in (training.output_dir, script.final_model_output_path):
+        _check_writable(Path(out))
+    if training.resume_from_checkpoint and training.resume_from_checkpoint not in ("true", "True"):
+        ckpt = Path(training.resume_from_checkpoint)
+        if not (ckpt / "trainer_state.json").is_file():
+            raise InputError(f"--resume_from_checkpoint {ckpt} is not a complete checkpoint (no trainer_state.json)")
+    models.check_source(script.model)
+    models.check_source(script.tokenizer)
+    if not Path(script.dataset).exists() and script.dataset.startswith((".", "/", "~")):
+        raise InputError(f"dataset path {script.dataset} does not exist")
+
+
+def _check_writable(path: Path) -> None:
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if existing == path and not path.is_dir():
+        raise InputError(f"output path {path} is a file, not a folder")
+    if not existing.is_dir():
+        raise InputError(f"output path {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"output path {path} is not writable ({existing} denies write access)")
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse and validate flags; raises InputError with a one-line reason."""
+    import torch
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from databricks_llm import runtime
+
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__.split("\n")[0])
+    parser.set_defaults(**TRAINING_DEFAULTS)
+
+    def fail(message: str) -> None:
+        raise InputError(message)
+
+    parser.error = fail
+    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        script, training = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        raise InputError(str(err).splitlines()[0]) from None
+    script.tokenizer = script.tokenizer or script.model
+    script.final_model_output_path = script.final_model_output_path or str(Path(training.output_dir) / "final_model")
+    _validate(script, training)
+    if script.deepspeed_config:
+        runtime.set_distributed_env_defaults()
+    try:
+        training = dataclasses.replace(training, deepspeed=script.deepspeed_config,
+                                       use_cpu=not torch.cuda.is_available())
+    except ValueError as err:
+        raise InputError(str(err).splitlines()[0]) from None
+    return script, training
+
+
+def train(script: ScriptArguments, training) -> None:
+    """The whole job: data, model, Trainer, final model. Runs on every rank."""
+    import datasets
+    import torch
+    from transformers import Trainer
+
+    from databricks_llm import data, models, runtime
+
+    runtime.init_process_group(use_deepspeed=bool(script.deepspeed_config))
+    datasets.disable_progress_bars()
+    tokenizer = models.load_tokenizer(script.tokenizer, script.trust_remote_code)
+    with training.main_process_first(desc="load and tokenize data"):
+        splits = data.load_e2e(script.dataset, seed=training.seed, validation_fraction=script.validation_fraction)
+        if script.max_train_samples:
+            splits["train"] = splits["train"].select(range(min(script.max_train_samples, len(splits["train"]))))
+        if script.max_eval_samples:
+            splits["validation"] = splits["validation"].select(range(min(script.max_eval_samples, len(splits["validation"]))))
+        tokenized = data.tokenize_splits(splits, tokenizer, script.max_seq_length)
+    print(f"[data] {script.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+
+    half = {True: torch.bfloat16}.get(training.bf16) or {True: torch.float16}.get(training.fp16)
+    model = models.load_model(script.model, use_4bit=script.use_4bit, half=half if script.use_lora else None,
+                              trust_remote_code=script.trust_remote_code)
+    if script.use_lora:
+        model = models.add_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
+                                target_modules=script.lora_target_modules,
+                                gradient_checkpointing=training.gradient_checkpointing, use_4bit=script.use_4bit)
+    trainer = Trainer(
+        model=model, args=training, processing_class=tokenizer,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
+        data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
+    )
+    trainer.train(resume_from_checkpoint=_resume_target(training))
+    trainer.save_model(script.final_model_output_path)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(script.final_model_output_path)
+        if script.use_lora and script.merge_adapter:
+            models.merge_adapter(script.final_model_output_path)
+        print(f"[done] final model in {script.final_model_output_path}", flush=True)
+
+
+def _resume_target(training) -> str | bool | None:
+    value = training.resume_from_checkpoint
+    return True if value in ("true", "True") else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit 2 with one line on bad input, before heavy work starts."""
+    try:
+        script, training = parse_args(argv)
+        train(script, training)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Process-level setup: distributed env, backends and hardware checks.
+
+Users launch the same module with `python -m`, `deepspeed --module`, torchrun or Spark; this is
+where the differences are absorbed so that nothing special has to be passed on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from databricks_llm.errors import InputError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_distributed_env_defaults() -> None:
+    """Give a plain `python -m` run the env a 1-rank launcher would set (DeepSpeed wants it)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_process_group(use_deepspeed: bool) -> None:
+    """Start the process group early so ZeRO-3 can shard at model creation (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not use_deepspeed:
+        return
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        torch.distributed.init_process_group(backend=backend)
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_precision(fp16: bool, bf16: bool) -> None:
+    """Refuse mixed-precision flags the hardware cannot honour, with the reason."""
+    if fp16 and bf16:
+        raise InputError("--fp16 and --bf16 are mutually exclusive; pick one")
+    if fp16 and not torch.cuda.is_available():
+        raise InputError("--fp16 needs a CUDA GPU (none found); use --bf16 on CPU or drop the flag")
+    if bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise InputError("--bf16 is not supported by this GPU; use --fp16")
+
+
+def check_4bit() -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU; say so before anything heavy starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_4bit needs the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise InputError("--use_4bit needs a CUDA GPU for bitsandbytes 4-bit kernels (none found)")
