@@ -72,7 +72,6 @@ def _validate(script: ScriptArguments, training) -> None:
     """Everything that can be checked before a model or dataset is touched."""
     from databricks_llm import models, runtime
 
-    runtime.check_precision(training.fp16, training.bf16)
     if script.use_4bit:
         if not script.use_lora:
             raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
@@ -94,14 +93,26 @@ def _validate(script: ScriptArguments, training) -> None:
             raise InputError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
     for out in (training.output_dir, script.final_model_output_path):
         _check_writable(Path(out))
-    if training.resume_from_checkpoint and training.resume_from_checkpoint not in ("true", "True"):
-        ckpt = Path(training.resume_from_checkpoint)
-        if not (ckpt / "trainer_state.json").is_file():
-            raise InputError(f"--resume_from_checkpoint {ckpt} is not a complete checkpoint (no trainer_state.json)")
+    if training.resume_from_checkpoint:
+        training.resume_from_checkpoint = _resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     models.check_source(script.model)
     models.check_source(script.tokenizer)
     if not Path(script.dataset).exists() and script.dataset.startswith((".", "/", "~")):
         raise InputError(f"dataset path {script.dataset} does not exist")
+
+
+def _resolve_checkpoint(value: str, output_dir: str) -> str:
+    """`true` means the newest checkpoint in --output_dir; a path must be a complete checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value.lower() == "true":
+        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no checkpoint")
+        value = found
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no trainer_state.json)")
+    return value
 
 
 def _check_writable(path: Path) -> None:
@@ -122,27 +133,29 @@ def parse_args(argv: list[str] | None = None):
     from databricks_llm import runtime
 
     parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__.split("\n")[0])
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
 
     def fail(message: str) -> None:
         raise InputError(message)
 
     parser.error = fail
-    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    namespace, unknown = parser.parse_known_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
+    runtime.check_precision(namespace.fp16, namespace.bf16)
+    values = vars(namespace)
+    script = ScriptArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(ScriptArguments)})
+    script.tokenizer = script.tokenizer or script.model
     try:
-        script, training = parser.parse_args_into_dataclasses(args=argv)
+        training = TrainingArguments(**values)
     except ValueError as err:
         raise InputError(str(err).splitlines()[0]) from None
-    script.tokenizer = script.tokenizer or script.model
     script.final_model_output_path = script.final_model_output_path or str(Path(training.output_dir) / "final_model")
     _validate(script, training)
     if script.deepspeed_config:
         runtime.set_distributed_env_defaults()
-    try:
-        training = dataclasses.replace(training, deepspeed=script.deepspeed_config,
-                                       use_cpu=not torch.cuda.is_available())
-    except ValueError as err:
-        raise InputError(str(err).splitlines()[0]) from None
+    runtime.init_process_group(use_deepspeed=bool(script.deepspeed_config))
+    training = dataclasses.replace(training, deepspeed=script.deepspeed_config)
     return script, training
 
 
@@ -152,9 +165,8 @@ def train(script: ScriptArguments, training) -> None:
     import torch
     from transformers import Trainer
 
-    from databricks_llm import data, models, runtime
+    from databricks_llm import data, models
 
-    runtime.init_process_group(use_deepspeed=bool(script.deepspeed_config))
     datasets.disable_progress_bars()
     tokenizer = models.load_tokenizer(script.tokenizer, script.trust_remote_code)
     with training.main_process_first(desc="load and tokenize data"):
@@ -179,18 +191,16 @@ def train(script: ScriptArguments, training) -> None:
         eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
         data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
     )
-    trainer.train(resume_from_checkpoint=_resume_target(training))
+    if training.resume_from_checkpoint:
+        step = json.loads((Path(training.resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+        print(f"[resume] continuing from {training.resume_from_checkpoint} (step {step})", flush=True)
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model(script.final_model_output_path)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(script.final_model_output_path)
         if script.use_lora and script.merge_adapter:
             models.merge_adapter(script.final_model_output_path)
         print(f"[done] final model in {script.final_model_output_path}", flush=True)
-
-
-def _resume_target(training) -> str | bool | None:
-    value = training.resume_from_checkpoint
-    return True if value in ("true", "True") else value
 
 
 def main(argv: list[str] | None = None) -> int:

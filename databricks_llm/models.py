@@ -45,7 +45,7 @@ def convert_gguf(path: Path) -> Path:
     from the same config. A file lock keeps concurrent ranks from converting twice.
     """
     stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"v2:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     target = cache_dir() / f"{path.stem}-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -54,7 +54,9 @@ def convert_gguf(path: Path) -> Path:
         print(f"[model] converting {path.name} to a HF folder in {target} (one-off, ~1 min)", flush=True)
         start = time.time()
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        config = loaded.config
+        del config.quantization_config  # dequantized weights are plain float32: trainable
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         partial = target.with_name(target.name + f".partial-{os.getpid()}")

@@ -31,16 +31,12 @@ def set_distributed_env_defaults() -> None:
 
 def init_process_group(use_deepspeed: bool) -> None:
     """Start the process group early so ZeRO-3 can shard at model creation (gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not use_deepspeed:
-        return
-    if torch.distributed.is_initialized():
-        return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend)
-    else:
+        deepspeed.init_distributed(dist_backend=backend)  # wraps a group accelerate may have made
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend)
 
 

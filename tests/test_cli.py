@@ -1,0 +1,82 @@
+"""Bad flags fail fast: one line on stderr, exit code 2, no model or data loaded, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, run_module
+from databricks_llm import fine_tune, models
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load_model", tripwire)
+    monkeypatch.setattr(models, "load_tokenizer", tripwire)
+
+
+def refused(capsys, argv: list[str]) -> str:
+    assert fine_tune.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_flag=1"], "unknown flag --no_such_flag=1"),
+    (["--learning_rate=abc"], "--learning_rate"),
+    (["--fp16=true", "--bf16=true"], "mutually exclusive"),
+    (["--use_4bit=true"], "--use_4bit needs"),
+    (["--dataset=./missing/data.csv"], "dataset path ./missing/data.csv does not exist"),
+    (["--model=./missing-model"], "model path ./missing-model does not exist"),
+    (["--model=some-org/some-model"], "hub is offline"),
+    (["--num_train_epochs=0"], "nothing to train"),
+    (["--max_steps=0"], "nothing to train"),
+    (["--per_device_train_batch_size=-1"], "must be positive"),
+    (["--deepspeed_config=./missing.json"], "does not exist"),
+])
+def test_bad_flag_is_refused_in_one_line(capsys, no_loading, tiny_model, tmp_path, argv, message):
+    err = refused(capsys, [f"--model={tiny_model}", f"--output_dir={tmp_path}/out", *argv])
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_deepspeed_json_is_refused(capsys, no_loading, tmp_path):
+    (tmp_path / "ds.json").write_text("{not json")
+    err = refused(capsys, [f"--deepspeed_config={tmp_path / 'ds.json'}", f"--output_dir={tmp_path}/out"])
+    assert "is not valid JSON" in err
+
+
+def test_output_dir_that_is_a_file_is_refused(capsys, no_loading, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    err = refused(capsys, [f"--output_dir={tmp_path / 'file'}"])
+    assert "is a file" in err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_incomplete_checkpoint_is_refused_by_name(capsys, no_loading, tmp_path):
+    (tmp_path / "checkpoint-5").mkdir()
+    err = refused(capsys, [f"--output_dir={tmp_path}", f"--resume_from_checkpoint={tmp_path / 'checkpoint-5'}"])
+    assert "checkpoint-5 is not a complete checkpoint" in err
+
+
+def test_launcher_extras_and_aliases_are_understood():
+    argv = ["--local_rank=1", "--evaluation_strategy=no", "--deepspeed", "--deepspeed_config", "ds.json", "--local_rank", "0"]
+    assert fine_tune._normalise_argv(argv) == ["--eval_strategy=no", "--deepspeed_config", "ds.json"]
+
+
+def test_command_line_exit_code_is_2_without_traceback(tmp_path):
+    result = run_module("databricks_llm.fine_tune", "--fp16=true", "--bf16=true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --fp16 and --bf16 are mutually exclusive; pick one"
+    assert "Traceback" not in result.stderr
+
+
+def test_help_documents_project_and_original_flags():
+    result = run_module("databricks_llm.fine_tune", "--help", cwd=REPO)
+    assert result.returncode == 0
+    for flag in ["--final_model_output_path", "--use_lora", "--use_4bit", "--deepspeed_config", "--max_seq_length",
+                 "--lora_r", "--max_train_samples", "--gradient_checkpointing", "--eval_strategy", "--run_name"]:
+        assert flag in result.stdout

@@ -1,0 +1,136 @@
+"""Dataset loading in every supported layout, the prompt format and label masking."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pandas as pd
+import pytest
+
+from conftest import SHARED_E2E
+from databricks_llm import data, sample_data
+from databricks_llm.errors import InputError
+
+ROWS = sample_data.generate(30, seed=7)
+
+
+def test_embedded_sample_has_three_nonempty_splits():
+    ds = data.load_e2e(data.EMBEDDED_DATASET)
+    assert {k: len(v) for k, v in ds.items()} == {"train": 400, "validation": 50, "test": 50}
+    assert ds["train"][0]["mr"].startswith("name[")
+
+
+def test_embedded_sample_is_seeded():
+    assert sample_data.generate(5, seed=3) == sample_data.generate(5, seed=3)
+    assert sample_data.generate(5, seed=3) != sample_data.generate(5, seed=4)
+
+
+def test_single_csv_with_original_columns_gets_seeded_validation_holdout(tmp_path):
+    pd.DataFrame(ROWS).to_csv(tmp_path / "rows.csv", index=False)
+    ds = data.load_e2e(str(tmp_path / "rows.csv"), validation_fraction=0.2, seed=1)
+    assert (len(ds["train"]), len(ds["validation"])) == (24, 6)
+    assert ds["test"]["mr"] == ds["validation"]["mr"]
+    assert data.load_e2e(str(tmp_path / "rows.csv"), validation_fraction=0.2, seed=1)["validation"]["mr"] == ds["validation"]["mr"]
+
+
+def test_jsonl_with_hub_column_names(tmp_path):
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for r in ROWS:
+            f.write(json.dumps({"meaning_representation": r["mr"], "human_reference": r["ref"]}) + "\n")
+    ds = data.load_e2e(str(tmp_path / "train.jsonl"))
+    assert ds["train"].column_names == ["mr", "ref"]
+    assert len(ds["train"]) + len(ds["validation"]) == 30
+
+
+def test_folder_of_parquet_files_maps_split_names(tmp_path):
+    for name, part in [("trainset", ROWS[:20]), ("devset", ROWS[20:25]), ("testset_w_refs", ROWS[25:])]:
+        pd.DataFrame(part).to_parquet(tmp_path / f"{name}.parquet")
+    ds = data.load_e2e(str(tmp_path))
+    assert {k: len(v) for k, v in ds.items()} == {"train": 20, "validation": 5, "test": 5}
+
+
+def test_save_to_disk_folder(tmp_path):
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"meaning_representation": r["mr"], "human_reference": r["ref"]} for r in ROWS[:20]]),
+        "validation": datasets.Dataset.from_list(ROWS[20:]),
+    }).save_to_disk(str(tmp_path / "saved"))
+    ds = data.load_e2e(str(tmp_path / "saved"))
+    assert (len(ds["train"]), len(ds["validation"]), len(ds["test"])) == (20, 10, 10)
+
+
+@pytest.mark.skipif(not SHARED_E2E.exists(), reason="shared E2E data not present")
+def test_real_cleaned_e2e_folder_reads_all_rows():
+    ds = data.load_e2e(str(SHARED_E2E / "cleaned"))
+    assert {k: len(v) for k, v in ds.items()} == {"train": 33525, "validation": 4299, "test": 4693}
+
+
+def test_missing_columns_are_named_in_the_error(tmp_path):
+    pd.DataFrame({"text": ["a"], "label": ["b"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="found text, label"):
+        data.load_e2e(str(tmp_path / "bad.csv"))
+
+
+def test_rows_with_empty_text_or_mr_are_skipped_and_counted(tmp_path, capsys):
+    rows = ROWS[:10] + [{"mr": "", "ref": "x"}, {"mr": "name[A]", "ref": None}]
+    pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
+    ds = data.load_e2e(str(tmp_path / "rows.csv"), validation_fraction=0.2)
+    assert len(ds["train"]) + len(ds["validation"]) == 10
+    assert "skipped 2 rows" in capsys.readouterr().out
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    (tmp_path / "empty.csv").write_text("mr,ref\n")
+    with pytest.raises(InputError, match="empty"):
+        data.load_e2e(str(tmp_path / "empty.csv"))
+
+
+def test_non_utf8_file_is_refused(tmp_path):
+    (tmp_path / "latin.csv").write_bytes("mr,ref\nname[Café],Café\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        data.load_e2e(str(tmp_path / "latin.csv"))
+
+
+def test_missing_path_is_refused():
+    with pytest.raises(InputError, match="does not exist"):
+        data.load_e2e("./no/such/data.csv")
+
+
+def test_prompt_uses_chat_template_and_contains_sentence(tiny_tokenizer):
+    (prompt,) = data.build_prompts(tiny_tokenizer, ["  Aromi is a pub. "])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert "Description: Aromi is a pub.<|im_end|>" in prompt
+
+
+def test_prompt_without_chat_template_uses_plain_format(tiny_tokenizer):
+    plain = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    plain.chat_template = None
+    (prompt,) = data.build_prompts(plain, ["Aromi is a pub."])
+    assert prompt.startswith(plain.bos_token + "### Instruction:")
+    assert prompt.endswith("### Meaning representation:\n")
+
+
+def test_labels_mask_prompt_and_learn_eos(tiny_tokenizer):
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3])})
+    row = data.tokenize_splits(ds, tiny_tokenizer, max_seq_length=512)["train"][0]
+    (prompt_ids,) = data.encode_prompts(tiny_tokenizer, [ROWS[0]["ref"]])
+    n = len(prompt_ids)
+    assert row["input_ids"][:n] == prompt_ids
+    assert row["labels"][:n] == [-100] * n
+    assert row["labels"][n:] == row["input_ids"][n:]
+    assert row["labels"][-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(row["labels"][n:-1]) == ROWS[0]["mr"]
+
+
+def test_max_seq_length_shorter_than_prompt_is_refused(tiny_tokenizer):
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3])})
+    with pytest.raises(InputError, match="max_seq_length=8 is too small"):
+        data.tokenize_splits(ds, tiny_tokenizer, max_seq_length=8)
+
+
+def test_pad_batch_pads_to_longest_row_only():
+    batch = data.pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                            {"input_ids": [5], "labels": [5]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
