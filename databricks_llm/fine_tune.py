@@ -40,6 +40,7 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
+    registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
 
 
@@ -47,7 +48,7 @@ TRAINING_DEFAULTS = dict(
     output_dir="outputs/checkpoints", learning_rate=2e-4, num_train_epochs=1.0,
     per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
     eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
-    report_to="none", remove_unused_columns=False,
+    report_to="tensorboard", remove_unused_columns=False,
 )
 _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
 
@@ -155,18 +156,25 @@ def parse_args(argv: list[str] | None = None):
     if script.deepspeed_config:
         runtime.set_distributed_env_defaults()
     runtime.init_process_group(use_deepspeed=bool(script.deepspeed_config))
-    training = dataclasses.replace(training, deepspeed=script.deepspeed_config)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(training.output_dir) / "tensorboard"))
+    report_to = [r for r in training.report_to if r != "mlflow"]  # CustomMLflowCallback replaces the stock one
+    training = dataclasses.replace(training, deepspeed=script.deepspeed_config, report_to=report_to)
     return script, training
 
 
 def train(script: ScriptArguments, training) -> None:
-    """The whole job: data, model, Trainer, final model. Runs on every rank."""
+    """The whole job: data, model, Trainer, final model; rank 0 also tracks it in MLflow."""
     import datasets
+    import mlflow
     import torch
     from transformers import Trainer
 
-    from databricks_llm import data, models
+    from databricks_llm import data, models, runtime, tracking
+    from databricks_llm.callbacks import CustomMLflowCallback
 
+    tracked = runtime.global_rank() == 0
+    if tracked:
+        tracking.connect(training.output_dir)
     datasets.disable_progress_bars()
     tokenizer = models.load_tokenizer(script.tokenizer, script.trust_remote_code)
     with training.main_process_first(desc="load and tokenize data"):
@@ -185,22 +193,66 @@ def train(script: ScriptArguments, training) -> None:
         model = models.add_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                                 target_modules=script.lora_target_modules,
                                 gradient_checkpointing=training.gradient_checkpointing, use_4bit=script.use_4bit)
+    skip_until = -1
+    if tracked:
+        run, skip_until = tracking.start_run(training.output_dir, training.run_name,
+                                             resume=bool(training.resume_from_checkpoint))
+        print(f"[mlflow] run {run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
+        if skip_until < 0:
+            _log_job(script, training, model, splits)
     trainer = Trainer(
         model=model, args=training, processing_class=tokenizer,
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
         data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
+        callbacks=[CustomMLflowCallback(skip_until, log_models=tracking.env_flag("HF_MLFLOW_LOG_ARTIFACTS", True))],
     )
-    if training.resume_from_checkpoint:
-        step = json.loads((Path(training.resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
-        print(f"[resume] continuing from {training.resume_from_checkpoint} (step {step})", flush=True)
-    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    trainer.save_model(script.final_model_output_path)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(script.final_model_output_path)
-        if script.use_lora and script.merge_adapter:
-            models.merge_adapter(script.final_model_output_path)
-        print(f"[done] final model in {script.final_model_output_path}", flush=True)
+    try:
+        if training.resume_from_checkpoint:
+            step = json.loads((Path(training.resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+            print(f"[resume] continuing from {training.resume_from_checkpoint} (step {step})", flush=True)
+        trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+        trainer.save_model(script.final_model_output_path)
+        if trainer.is_world_process_zero():
+            _finish(script, training, tokenizer, tracked)
+    except BaseException:
+        if tracked:
+            mlflow.end_run("FAILED")
+        raise
+    if tracked:
+        mlflow.end_run()
+
+
+def _log_job(script: ScriptArguments, training, model, splits) -> None:
+    """Params (training args, model and LoRA config, data facts), tags and dataset inputs."""
+    from databricks_llm import data, tracking
+
+    params = {**model.config.to_dict(), **training.to_dict(), **dataclasses.asdict(script)}
+    if hasattr(model, "peft_config"):
+        params.update({f"lora_{k}": v for k, v in model.peft_config["default"].to_dict().items()})
+    params.update({f"{k}_rows": len(v) for k, v in splits.items()}, prompt_version=data.PROMPT_VERSION)
+    tracking.log_params(params)
+    tracking.set_tags(script.model)
+    for split in ("train", "validation"):
+        tracking.log_dataset(splits[split].to_pandas(), script.dataset, split)
+
+
+def _finish(script: ScriptArguments, training, tokenizer, tracked: bool) -> None:
+    """Rank 0: tokenizer and merged model next to the final weights; final model + TensorBoard to MLflow."""
+    import mlflow
+
+    from databricks_llm import models, tracking
+
+    tokenizer.save_pretrained(script.final_model_output_path)
+    if script.use_lora and script.merge_adapter:
+        models.merge_adapter(script.final_model_output_path)
+    print(f"[done] final model in {script.final_model_output_path}", flush=True)
+    if tracked:
+        tracking.log_model_folder(script.final_model_output_path, name="final_model", with_example=True,
+                                  registered_model_name=script.registered_model_name)
+        tensorboard = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        if tensorboard and Path(tensorboard).is_dir():
+            mlflow.log_artifacts(tensorboard, "tensorboard")
 
 
 def main(argv: list[str] | None = None) -> int:

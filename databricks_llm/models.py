@@ -158,3 +158,17 @@ def merge_adapter(folder: str) -> Path:
     merged.save_pretrained(target)
     AutoTokenizer.from_pretrained(folder).save_pretrained(target)
     return target
+
+
+def load_for_inference(folder: str) -> tuple[Any, Any]:
+    """A saved model folder (full model or LoRA adapter + tokenizer) ready to generate."""
+    tokenizer = load_tokenizer(folder)
+    if (Path(folder) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return model.eval(), tokenizer

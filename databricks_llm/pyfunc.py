@@ -1,0 +1,80 @@
+"""MLflow pyfunc model (models-from-code) serving a fine-tuned checkpoint or final model.
+
+    mlflow.pyfunc.load_model("runs:/<run_id>/checkpoint-N").predict(
+        {"prompt": "The Punter is an expensive Chinese coffee shop.", "temperature": 0.4, "max_tokens": 128})
+
+`prompt` is the raw restaurant description; it is wrapped in the same prompt as in training.
+Returns one extracted meaning representation per row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from databricks_llm.errors import InputError
+from databricks_llm.generation import MAX_TOKENS_CAP, generate
+
+DEFAULT_MAX_TOKENS = 128
+
+
+def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[str, float, int]]:
+    """(prompt, temperature, max_tokens) per row from a dict, list of dicts or DataFrame."""
+    if isinstance(model_input, pd.DataFrame):
+        rows = model_input.to_dict("records")
+    elif isinstance(model_input, dict):
+        rows = [model_input] if not isinstance(model_input.get("prompt"), list) else [
+            {**model_input, "prompt": p} for p in model_input["prompt"]]
+    elif isinstance(model_input, list):
+        rows = [r if isinstance(r, dict) else {"prompt": r} for r in model_input]
+    else:
+        raise InputError(f"expected a dict, list or DataFrame with a 'prompt' field, got {type(model_input).__name__}")
+    defaults = params or {}
+    parsed = []
+    for i, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"row {i}: 'prompt' is required and must be a non-empty string")
+        temperature = _value(row, defaults, "temperature", 0.0)
+        max_tokens = _value(row, defaults, "max_tokens", DEFAULT_MAX_TOKENS)
+        if not temperature >= 0:
+            raise InputError(f"row {i}: temperature must be >= 0 (got {temperature})")
+        if not 0 < max_tokens <= MAX_TOKENS_CAP or max_tokens != int(max_tokens):
+            raise InputError(f"row {i}: max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
+        parsed.append((prompt, float(temperature), int(max_tokens)))
+    return parsed
+
+
+def _value(row: dict, defaults: dict, key: str, fallback: float) -> float:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        value = defaults.get(key, fallback)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key} must be a number (got {value!r})") from None
+
+
+class CompletionModel(mlflow.pyfunc.PythonModel):
+    """Loads the model folder logged as the `model` artifact; generates in batches."""
+
+    def load_context(self, context: Any) -> None:
+        from databricks_llm.models import load_for_inference
+
+        self.model, self.tokenizer = load_for_inference(context.artifacts["model"])
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+        rows = parse_request(model_input, params)
+        results: dict[int, str] = {}
+        for temperature, max_tokens in {(t, m) for _, t, m in rows}:
+            index = [i for i, (_, t, m) in enumerate(rows) if (t, m) == (temperature, max_tokens)]
+            texts = generate(self.model, self.tokenizer, [rows[i][0] for i in index],
+                             max_tokens=max_tokens, temperature=temperature)
+            results.update(zip(index, texts))
+        return [results[i] for i in range(len(rows))]
+
+
+mlflow.models.set_model(CompletionModel())

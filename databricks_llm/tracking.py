@@ -1,0 +1,200 @@
+"""MLflow set-up for a fine-tuning job: where to log, the one run, params, inputs, models.
+
+Only global rank 0 calls into this module. Environment variables (all optional):
+MLFLOW_TRACKING_URI, DATABRICKS_HOST + DATABRICKS_TOKEN, MLFLOW_EXPERIMENT_NAME,
+MLFLOW_RUN_ID, MLFLOW_NESTED_RUN, MLFLOW_TAGS, MLFLOW_FLATTEN_PARAMS, HF_MLFLOW_LOG_ARTIFACTS,
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING; see the README for what each does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from databricks_llm.errors import InputError
+
+DEFAULT_EXPERIMENT = "databricks_llm"
+RUN_ID_FILE = "mlflow_run_id"
+TASK = "e2e-mr-extraction"
+SECRET_NAME = re.compile(r"token|secret|password|passwd|api_key|apikey|credential", re.IGNORECASE)
+INPUT_EXAMPLE = {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
+                 "temperature": 0.4, "max_tokens": 128}
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
+                   ColSpec("long", "max_tokens", required=False)]),
+    outputs=Schema([ColSpec("string")]),
+)
+_MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".model", ".jinja", ".txt"}
+_NOT_MODEL_FILES = {"trainer_state.json"}
+_PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas"]
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def tracking_uri(output_dir: str) -> str:
+    """MLFLOW_TRACKING_URI, else Databricks when host+token are set, else <output_dir>/mlflow.db."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("DATABRICKS_HOST") and os.environ.get("DATABRICKS_TOKEN"):
+        return "databricks"
+    return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+def connect(output_dir: str) -> str:
+    """Point MLflow at the target and make sure the experiment exists; returns its id."""
+    uri = tracking_uri(output_dir)
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            local = uri.startswith("sqlite:")
+            location = (Path(output_dir) / "mlartifacts").resolve().as_uri() if local else None
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+    except Exception as err:  # the client raises MlflowException, requests or OS errors alike
+        raise InputError(f"MLflow tracking at {_redact_uri(uri)} is not usable: {str(err).splitlines()[0][:300]}") from None
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _redact_uri(uri: str) -> str:
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def start_run(output_dir: str, run_name: str | None, resume: bool) -> tuple[Any, int]:
+    """Start (or, on resume, reopen) the job's run; returns it and the last step it logged.
+
+    The run id is kept in <output_dir>/mlflow_run_id so that a resumed job continues the
+    same run; metric steps up to the returned one are not logged again.
+    """
+    run_file = Path(output_dir) / RUN_ID_FILE
+    run_id = os.environ.get("MLFLOW_RUN_ID") or (run_file.read_text().strip() if resume and run_file.exists() else None)
+    run = mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else run_name, nested=env_flag("MLFLOW_NESTED_RUN", False),
+        log_system_metrics=env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True),
+    )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    run_file.write_text(run.info.run_id)
+    return run, _last_logged_step(run.info.run_id) if run_id else -1
+
+
+def _last_logged_step(run_id: str) -> int:
+    client = mlflow.tracking.MlflowClient()
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return max((m.step for k in keys for m in client.get_metric_history(run_id, k)), default=-1)
+
+
+def secret_values() -> set[str]:
+    """Values of env vars whose names look secret (tokens, passwords): never to be logged."""
+    return {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4}
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop secret-looking keys and any value that contains a secret from the environment."""
+    secrets = secret_values()
+    return {k: v for k, v in params.items()
+            if not SECRET_NAME.search(k) and not any(s in str(v) for s in secrets)}
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params (flattened when MLFLOW_FLATTEN_PARAMS is set), secrets and over-long values dropped."""
+    if env_flag("MLFLOW_FLATTEN_PARAMS", False):
+        params = _flatten(params)
+    limit = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+    items = [(k, v) for k, v in redact(params).items() if len(str(v)) <= limit]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i:i + 100]))
+
+
+def set_tags(model: str) -> None:
+    """Model id, task, git commit and whatever MLFLOW_TAGS (a JSON object) adds."""
+    tags = {"model": model, "task": TASK}
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    if os.environ.get("MLFLOW_TAGS"):
+        try:
+            tags.update(json.loads(os.environ["MLFLOW_TAGS"]))
+        except json.JSONDecodeError as err:
+            raise InputError(f"MLFLOW_TAGS is not a JSON object: {err}") from None
+    mlflow.set_tags(redact(tags))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def log_dataset(frame: Any, source: str, context: str) -> None:
+    """Record a split as a run input (MLflow computes its digest)."""
+    from mlflow.data.pandas_dataset import from_pandas
+
+    name = Path(source).name if Path(source).exists() else source
+    mlflow.log_input(from_pandas(frame, name=f"{name}:{context}", targets="mr"), context=context)
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of what serving needs (the inferred default would add torchvision)."""
+    return [f"{p}=={metadata.version(p)}" for p in _PACKAGES]
+
+
+def log_model_folder(folder: str | Path, name: str, step: int = 0, with_example: bool = False,
+                     registered_model_name: str | None = None) -> Any:
+    """Log a saved model folder (LoRA adapter or full model + tokenizer) as a pyfunc model.
+
+    Training state (optimizer, scheduler, RNG, DeepSpeed shards) is left out: only the files a
+    model needs are hard-linked into a staging folder. A LoRA adapter refers to its base model
+    through `base_model_name_or_path` (a hub id or a local path), so it is logged alone.
+    MLflow checks an input example by loading the model and generating, seconds per call, so
+    checkpoints are logged with the signature only and the final model also with the example.
+    """
+    from databricks_llm import pyfunc
+
+    with tempfile.TemporaryDirectory() as staging:
+        model_dir = Path(staging) / "model"
+        model_dir.mkdir()
+        for file in Path(folder).iterdir():
+            if file.is_file() and file.suffix in _MODEL_FILE_SUFFIXES and file.name not in _NOT_MODEL_FILES:
+                _link_or_copy(file, model_dir / file.name)
+        return mlflow.pyfunc.log_model(
+            name=name, step=step, python_model=pyfunc.__file__, artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(__file__).parent)], signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE if with_example else None, pip_requirements=pip_requirements(),
+            metadata={"task": "llm/v1/completions"}, registered_model_name=registered_model_name,
+        )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
