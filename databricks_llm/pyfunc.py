@@ -66,7 +66,8 @@ class CompletionModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_for_inference(context.artifacts["model"])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # no hints: MLflow would read them as a schema
+        """One extracted meaning representation per request row."""
         rows = parse_request(model_input, params)
         results: dict[int, str] = {}
         for temperature, max_tokens in {(t, m) for _, t, m in rows}:

@@ -30,6 +30,7 @@ TASK = "e2e-mr-extraction"
 SECRET_NAME = re.compile(r"token|secret|password|passwd|api_key|apikey|credential", re.IGNORECASE)
 INPUT_EXAMPLE = {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
                  "temperature": 0.4, "max_tokens": 128}
+# The seed's call passes an int max_tokens; MLflow then needs it in every row of a request or in none.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
                    ColSpec("long", "max_tokens", required=False)]),

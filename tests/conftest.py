@@ -73,5 +73,6 @@ def run_module(*args: str, cwd: Path | None = None, env: dict | None = None, tim
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m databricks_llm.fine_tune` (or another launcher) as users do."""
     command = (launcher or [sys.executable, "-m"]) + list(args)
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow.set_tracking_uri sets it
+    full_env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

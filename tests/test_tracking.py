@@ -1,0 +1,185 @@
+"""One tracked job on the tiny model, logging to a local SQLite store, checked from the outside."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import REPO, run_module
+
+FAKE_SECRETS = {"DATABRICKS_TOKEN": "dapi-fake-secret-0001", "HF_TOKEN": "hf_fakeSecret0002",
+                "MY_SERVICE_PASSWORD": "pw-fake-secret-0003"}
+
+
+def tracked_job(model: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = run_module(
+        "databricks_llm.fine_tune", f"--model={model}", f"--output_dir={out}", "--max_train_samples=16",
+        "--per_device_train_batch_size=4", "--logging_steps=1", "--save_steps=2", "--eval_steps=2",
+        "--disable_tqdm=true", *flags,
+        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
+             **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def job(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked")
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    result = tracked_job(tiny_model, out, "--max_steps=4", "--run_name=spec-run",
+                         env={**FAKE_SECRETS, "DATABRICKS_HOST": "https://example.invalid", "MLFLOW_TRACKING_URI": store,
+                              "MLFLOW_TAGS": json.dumps({"team": "nlp"}), "MLFLOW_EXPERIMENT_NAME": "spec"})
+    mlflow.set_tracking_uri(store)
+    run = mlflow.get_run((out / "mlflow_run_id").read_text().strip())
+    return out, run, result
+
+
+def history(run, key: str) -> list[int]:
+    return [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)]
+
+
+def test_exactly_one_finished_run_in_the_named_experiment(job):
+    _, run, _ = job
+    experiment = mlflow.get_experiment_by_name("spec")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert run.info.status == "FINISHED" and run.info.run_name == "spec-run"
+
+
+def test_params_hold_training_model_lora_and_data_facts(job):
+    params = job[1].data.params
+    assert params["learning_rate"] == "0.0002"
+    assert params["lora_r"] == "8" and params["use_lora"] == "True"
+    assert params["hidden_size"] == "32"
+    assert params["train_rows"] == "16" and params["dataset"] == "embedded:e2e-sample"
+    assert params["prompt_version"] == "v1"
+
+
+def test_tags_name_model_task_and_user_tags(job):
+    tags = job[1].data.tags
+    assert tags["task"] == "e2e-mr-extraction" and tags["team"] == "nlp" and tags["model"]
+
+
+def test_metrics_are_logged_at_their_steps(job):
+    run = job[1]
+    assert history(run, "loss") == [1, 2, 3, 4]
+    assert history(run, "eval_loss") == [2, 4]
+    assert history(run, "learning_rate") == [1, 2, 3, 4]
+
+
+def test_system_metrics_are_logged(job):
+    assert any(k.startswith("system/cpu_utilization") for k in job[1].data.metrics)
+    assert any(k.startswith("system/system_memory") for k in job[1].data.metrics)
+
+
+def test_training_data_is_a_run_input_with_digest(job):
+    inputs = {i.dataset.name: i.dataset for i in job[1].inputs.dataset_inputs}
+    assert {"embedded:e2e-sample:train", "embedded:e2e-sample:validation"} <= set(inputs)
+    assert all(d.digest for d in inputs.values())
+
+
+def test_one_logged_model_per_save_plus_the_final_model(job):
+    run = job[1]
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert sorted(m.name for m in models) == ["checkpoint-2", "checkpoint-4", "final_model"]
+    assert all(m.source_run_id == run.info.run_id for m in models)
+
+
+def test_checkpoint_model_is_adapter_only_and_small(job):
+    out, run, _ = job
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoint-4"))
+    files = {p.name for p in (local / "artifacts" / "model").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert not files & {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
+    assert sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) < 2_000_000
+
+
+def test_checkpoint_loads_in_a_fresh_process_with_the_training_logits(job, tmp_path):
+    out, run, _ = job
+    script = f"""
+import mlflow, torch
+from peft import AutoPeftModelForCausalLM
+mlflow.set_tracking_uri("sqlite:///{out / 'mlflow.db'}")
+served = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/checkpoint-4")
+print(repr(served.predict({{"prompt": "The Punter is a pub.", "temperature": 0.4, "max_tokens": 8}})))
+inner = served.unwrap_python_model().model
+ids = torch.tensor([[1, 5, 9, 13]])
+on_disk = AutoPeftModelForCausalLM.from_pretrained("{out / 'checkpoint-4'}").eval()
+with torch.no_grad():
+    print(torch.allclose(inner(ids).logits, on_disk(ids).logits, atol=1e-5))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prediction, same_logits = result.stdout.strip().splitlines()[-2:]
+    assert prediction.startswith("['") and same_logits == "True"
+
+
+def test_models_uri_loads_the_same_logged_model(job):
+    run = job[1]
+    (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+                if m.name == "checkpoint-2"]
+    served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    assert len(served.predict([{"prompt": "Aromi is a pub.", "max_tokens": 4}, {"prompt": "Zizzi is cheap.", "max_tokens": 2}])) == 2
+
+
+def test_model_signature_and_example_match_the_seed_call(job):
+    run = job[1]
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/final_model")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["prompt", "temperature", "max_tokens"]
+    assert info.metadata["task"] == "llm/v1/completions"
+    example = json.loads(Path(mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/final_model/serving_input_example.json")).read_text())
+    assert example == {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
+                       "temperature": 0.4, "max_tokens": 128}
+
+
+def test_requirements_are_pinned_and_skip_torchvision(job):
+    run = job[1]
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoint-2/requirements.txt")).read_text()
+    assert "torchvision" not in requirements
+    assert "peft==" in requirements and "transformers==" in requirements
+
+
+def test_tensorboard_events_are_uploaded(job):
+    run = job[1]
+    files = [f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tensorboard")]
+    assert any("events.out.tfevents" in f for f in files)
+
+
+def test_no_secret_reaches_params_tags_artifacts_store_or_output(job):
+    out, run, result = job
+    haystacks = [json.dumps(run.data.params), json.dumps(run.data.tags), result.stdout, result.stderr]
+    haystacks += [p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file()]
+    for secret in FAKE_SECRETS.values():
+        assert not any(secret in h for h in haystacks), secret
+
+
+def test_resume_continues_the_same_run_without_duplicate_steps(tiny_model, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": store}
+    tracked_job(tiny_model, tmp_path, "--max_steps=4", "--eval_strategy=no", env=env)
+    first = (tmp_path / "mlflow_run_id").read_text()
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed after checkpoint-2, with steps 3-4 already logged
+    tracked_job(tiny_model, tmp_path, "--max_steps=6", "--eval_strategy=no", "--resume_from_checkpoint=true", env=env)
+    mlflow.set_tracking_uri(store)
+    run = mlflow.get_run(first)
+    assert (tmp_path / "mlflow_run_id").read_text() == first
+    assert len(mlflow.search_runs([run.info.experiment_id], output_format="list")) == 1
+    assert history(run, "loss") == [1, 2, 3, 4, 5, 6]
+    assert run.info.status == "FINISHED"
+
+
+def test_hf_mlflow_log_artifacts_false_turns_checkpoint_models_off(tiny_model, tmp_path):
+    tracked_job(tiny_model, tmp_path, "--max_steps=2", "--eval_strategy=no", env={"HF_MLFLOW_LOG_ARTIFACTS": "false"})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.get_run((tmp_path / "mlflow_run_id").read_text())
+    names = [m.name for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")]
+    assert names == ["final_model"]
