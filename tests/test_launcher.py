@@ -43,3 +43,21 @@ def test_two_ranks_zero3_offload_split_the_data_and_one_rank_writes(tiny_model, 
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final_model")  # gathered, not sharded
     assert all(p.numel() > 0 for p in model.parameters())
+
+
+def test_two_rank_job_makes_exactly_one_mlflow_run_with_real_weights(tiny_model, tmp_path):
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    launch(2, "ds_zero_3.json", tiny_model, tmp_path, "--use_lora=false", "--save_steps=2")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert sorted(m.name for m in models) == ["checkpoint-2", "checkpoint-4", "final_model"]
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/checkpoint-4").unwrap_python_model().model
+    original = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trained = dict(served.named_parameters())
+    assert all(trained[name].shape == p.shape for name, p in original.named_parameters())
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], original.model.layers[0].mlp.up_proj.weight)

@@ -1,0 +1,60 @@
+"""The pyfunc model's request handling: the seed's call, batches, and refused requests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from databricks_llm.errors import InputError
+from databricks_llm.generation import MAX_TOKENS_CAP
+from databricks_llm.pyfunc import DEFAULT_MAX_TOKENS, CompletionModel, parse_request
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    model = CompletionModel()
+    model.load_context(SimpleNamespace(artifacts={"model": str(tiny_model)}))
+    return model
+
+
+def test_seed_call_dict_is_one_row():
+    assert parse_request({"prompt": "Aromi is a pub.", "temperature": 0.4, "max_tokens": 128}) == [("Aromi is a pub.", 0.4, 128)]
+
+
+def test_defaults_are_greedy_and_128_tokens_and_params_override_them():
+    assert parse_request([{"prompt": "a"}]) == [("a", 0.0, DEFAULT_MAX_TOKENS)]
+    assert parse_request([{"prompt": "a"}], params={"max_tokens": 7}) == [("a", 0.0, 7)]
+
+
+def test_dataframe_rows_with_missing_values_use_defaults():
+    frame = pd.DataFrame([{"prompt": "a", "temperature": 0.5}, {"prompt": "b", "temperature": None}])
+    assert parse_request(frame) == [("a", 0.5, DEFAULT_MAX_TOKENS), ("b", 0.0, DEFAULT_MAX_TOKENS)]
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"temperature": 0.4}, "'prompt' is required"),
+    ({"prompt": "   "}, "non-empty string"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens must be an integer in 1.."),
+    ({"prompt": "a", "max_tokens": MAX_TOKENS_CAP + 1}, "max_tokens must be an integer in 1.."),
+    ({"prompt": "a", "temperature": -0.1}, "temperature must be >= 0"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature must be a number"),
+    ("just a string", "expected a dict, list or DataFrame"),
+])
+def test_bad_requests_are_refused_with_the_reason(request_, message):
+    with pytest.raises(InputError, match=message):
+        parse_request(request_)
+
+
+def test_predict_returns_one_string_per_row_in_order(served):
+    out = served.predict(None, [{"prompt": "Aromi is a pub.", "max_tokens": 3},
+                                {"prompt": "Zizzi is a cheap restaurant.", "max_tokens": 5, "temperature": 0.7},
+                                {"prompt": "Aromi is a pub.", "max_tokens": 3}])
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    assert out[0] == out[2]  # greedy is deterministic, whatever the batch it ran in
+
+
+def test_a_100kb_prompt_is_truncated_not_fatal(served):
+    (out,) = served.predict(None, {"prompt": "Aromi is a pub. " * 6400, "max_tokens": 2})
+    assert isinstance(out, str)
