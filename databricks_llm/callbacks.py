@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import mlflow
+from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
 from databricks_llm import tracking
+from databricks_llm.evaluation import metric_dict, slot_scores
+from databricks_llm.generation import generate
+
+SLOT_METRIC_PREFIXES = ("eval_slot_", "eval_exact_match")
 
 
 def _survive(action: str, fn: Callable[[], Any]) -> None:
@@ -39,9 +45,43 @@ class CustomMLflowCallback(MLflowCallback):
         if state.global_step > self._skip_until_step:
             _survive("metric logging", lambda: super(CustomMLflowCallback, self).on_log(args, state, control, logs, model=model))
 
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        """Slot scores join the eval metrics after the Trainer logged them; log them at this step."""
+        slot = {k: v for k, v in (metrics or {}).items() if k.startswith(SLOT_METRIC_PREFIXES)}
+        if state.is_world_process_zero and slot:
+            _survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not (state.is_world_process_zero and self._log_models):
             return
+        _survive("flushing metrics", mlflow.flush_async_logging)  # so the model links this step's metrics
         name = f"checkpoint-{state.global_step}"
         _survive(f"logging {name} as a model",
                  lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
+
+
+class SlotEvalCallback(TrainerCallback):
+    """At each evaluation, generate MRs for a fixed validation subset and add slot scores.
+
+    The scores go into the Trainer's eval metrics (`eval_slot_f1`, `eval_exact_match`,
+    `eval_slot_f1_<slot>`), so `--metric_for_best_model=eval_slot_f1` and early stopping can use
+    them. Every rank generates (ZeRO-3 needs all ranks in each forward pass).
+    """
+
+    def __init__(self, tokenizer: Any, sentences: list[str], references: list[str], *, batch_size: int,
+                 max_tokens: int = 128, synced_gpus: bool = False) -> None:
+        self.tokenizer, self.sentences, self.references = tokenizer, sentences, references
+        self.batch_size, self.max_tokens, self.synced_gpus = batch_size, max_tokens, synced_gpus
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, metrics: dict | None = None,
+                    **kwargs: Any) -> None:
+        was_training = model.training
+        model.eval()
+        predictions = generate(model, self.tokenizer, self.sentences, max_tokens=self.max_tokens,
+                               batch_size=self.batch_size, synced_gpus=self.synced_gpus)
+        model.train(was_training)
+        scores = slot_scores(predictions, self.references)
+        metrics.update(metric_dict(scores, "eval_"))
+        if state.is_world_process_zero:
+            print(f"[eval] step {state.global_step}: slot F1 {scores['f1']:.3f}, exact match "
+                  f"{scores['exact_match']:.3f} on {scores['n']} validation sentences", flush=True)

@@ -39,6 +39,8 @@ class ScriptArguments:
     max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
+    eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log slot F1 (0: off)."})
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (turns on load_best_model_at_end)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
     registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
@@ -146,6 +148,10 @@ def parse_args(argv: list[str] | None = None):
     runtime.check_precision(namespace.fp16, namespace.bf16)
     values = vars(namespace)
     script = ScriptArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(ScriptArguments)})
+    if script.early_stopping_patience:
+        if values["eval_strategy"] == "no":
+            raise InputError("--early_stopping_patience needs evaluations: set --eval_strategy=steps or epoch")
+        values["load_best_model_at_end"] = True
     script.tokenizer = script.tokenizer or script.model
     try:
         training = TrainingArguments(**values)
@@ -170,7 +176,6 @@ def train(script: ScriptArguments, training) -> None:
     from transformers import Trainer
 
     from databricks_llm import data, models, runtime, tracking
-    from databricks_llm.callbacks import CustomMLflowCallback
 
     tracked = runtime.global_rank() == 0
     if tracked:
@@ -205,7 +210,7 @@ def train(script: ScriptArguments, training) -> None:
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
         data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
-        callbacks=[CustomMLflowCallback(skip_until, log_models=tracking.env_flag("HF_MLFLOW_LOG_ARTIFACTS", True))],
+        callbacks=_callbacks(script, training, tokenizer, splits["validation"], skip_until),
     )
     try:
         if training.resume_from_checkpoint:
@@ -221,6 +226,25 @@ def train(script: ScriptArguments, training) -> None:
         raise
     if tracked:
         mlflow.end_run()
+
+
+def _callbacks(script: ScriptArguments, training, tokenizer, validation, skip_until: int) -> list:
+    """Slot evaluation first (it adds metrics), then MLflow logging, then early stopping."""
+    from transformers import EarlyStoppingCallback
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from databricks_llm import tracking
+    from databricks_llm.callbacks import CustomMLflowCallback, SlotEvalCallback
+
+    callbacks = []
+    if script.eval_generation_samples and training.eval_strategy != "no":
+        subset = validation.shuffle(seed=training.seed).select(range(min(script.eval_generation_samples, len(validation))))
+        callbacks.append(SlotEvalCallback(tokenizer, subset["ref"], subset["mr"], batch_size=training.per_device_eval_batch_size,
+                                          synced_gpus=is_deepspeed_zero3_enabled() and training.world_size > 1))
+    callbacks.append(CustomMLflowCallback(skip_until, log_models=tracking.env_flag("HF_MLFLOW_LOG_ARTIFACTS", True)))
+    if script.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=script.early_stopping_patience))
+    return callbacks
 
 
 def _log_job(script: ScriptArguments, training, model, splits) -> None:

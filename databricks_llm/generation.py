@@ -13,11 +13,12 @@ MAX_SENTENCE_CHARS = 4000
 
 
 def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 16) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
     """Complete the prompts for `sentences` in left-padded batches; greedy when temperature is 0.
 
     Sentences longer than MAX_SENTENCE_CHARS are cut to that length (a restaurant description
-    never needs more; a 100 KB request would otherwise exhaust memory).
+    never needs more; a 100 KB request would otherwise exhaust memory). `synced_gpus` keeps
+    ZeRO-3 ranks stepping together while they generate.
     """
     prompts = encode_prompts(tokenizer, [s[:MAX_SENTENCE_CHARS] for s in sentences])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -31,6 +32,7 @@ def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: in
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced_gpus, **sampling)
         outputs += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
     return outputs

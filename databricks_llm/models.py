@@ -160,8 +160,9 @@ def merge_adapter(folder: str) -> Path:
     return target
 
 
-def load_for_inference(folder: str) -> tuple[Any, Any]:
-    """A saved model folder (full model or LoRA adapter + tokenizer) ready to generate."""
+def load_for_inference(source: str) -> tuple[Any, Any]:
+    """A model (saved folder, LoRA adapter folder, hub id, .gguf, embedded) ready to generate."""
+    folder = resolve(source)
     tokenizer = load_tokenizer(folder)
     if (Path(folder) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM

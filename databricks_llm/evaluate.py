@@ -1,0 +1,203 @@
+"""Score models on E2E extraction with slot-level precision/recall/F1.
+
+    python -m databricks_llm.evaluate --model_uri=runs:/<run_id>/checkpoint-50 --split=test
+    python -m databricks_llm.evaluate --compare_run=<run_id> --register_best=e2e-extractor
+
+The first scores one model (an MLflow URI, a local folder, or a base model such as the
+embedded SmolLM2); the second scores every checkpoint of a fine-tuning run and its base model
+side by side, marks the best and can register it with an alias. Results are printed, written
+as JSON, and logged to an MLflow evaluation run (metrics, a per-example table, a plot).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from databricks_llm.data import EMBEDDED_DATASET
+from databricks_llm.errors import InputError
+from databricks_llm.models import EMBEDDED_MODEL
+
+
+@dataclass
+class EvaluateArguments:
+    model_uri: str = field(default=EMBEDDED_MODEL, metadata={"help": "runs:/..., models:/..., a local model folder, or a base model (hub id, .gguf, embedded)."})
+    compare_run: str | None = field(default=None, metadata={"help": "Score every checkpoint of this MLflow run and its base model side by side."})
+    dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "Same sources as fine_tune --dataset."})
+    split: str = field(default="test", metadata={"help": "train, validation or test."})
+    max_samples: int = field(default=200, metadata={"help": "Score the first N rows of the split (0: all)."})
+    batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    max_tokens: int = field(default=128, metadata={"help": "Most new tokens per prediction."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the scores here as JSON."})
+    register_best: str | None = field(default=None, metadata={"help": "With --compare_run: register the best checkpoint under this model name."})
+    alias: str = field(default="champion", metadata={"help": "Alias given to the registered best version."})
+    job_dir: str = field(default="outputs/checkpoints", metadata={"help": "The fine-tuning --output_dir, whose local MLflow store is used when MLFLOW_TRACKING_URI is unset."})
+
+
+def load_scorable(uri: str) -> tuple[Any, Any]:
+    """(model, tokenizer) behind an MLflow model URI or any fine_tune --model source."""
+    if uri.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        try:
+            inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        except Exception as err:  # MLflow raises several types for a missing model
+            raise InputError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
+        return inner.model, inner.tokenizer
+    from databricks_llm.models import load_for_inference
+
+    return load_for_inference(uri)
+
+
+def score(uri: str, sentences: list[str], references: list[str], batch_size: int, max_tokens: int) -> dict:
+    """Slot scores of one model, with its predictions and the seconds generation took."""
+    from databricks_llm.evaluation import slot_scores
+    from databricks_llm.generation import generate
+
+    model, tokenizer = load_scorable(uri)
+    start = time.time()
+    predictions = generate(model, tokenizer, sentences, max_tokens=max_tokens, batch_size=batch_size)
+    result = slot_scores(predictions, references)
+    result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
+    print(f"[evaluate] {uri}: slot F1 {result['f1']:.3f} on {result['n']} rows in {result['seconds']}s", flush=True)
+    return result
+
+
+def candidates(run_id: str) -> list[tuple[str, int, str]]:
+    """(name, step, uri) of the base model and each checkpoint of a fine-tuning run, by step."""
+    import mlflow
+
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception as err:
+        raise InputError(f"--compare_run {run_id}: {str(err).splitlines()[0][:300]}") from None
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    checkpoints = sorted((m for m in logged if m.name.startswith("checkpoint-")), key=lambda m: int(m.name.split("-")[1]))
+    if not checkpoints:
+        raise InputError(f"run {run_id} has no logged checkpoint models")
+    return [("base", 0, run.data.tags["model"])] + [(m.name, int(m.name.split("-")[1]), f"models:/{m.model_id}")
+                                                   for m in checkpoints]
+
+
+def print_table(rows: list[dict], best: str | None = None) -> None:
+    print(f"{'model':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'exact':>10}{'n':>6}{'seconds':>9}")
+    for row in rows:
+        mark = "  <- best" if row.get("name") == best else ""
+        print(f"{row.get('name', row['model_uri'])[:27]:<28}{row['precision']:>10.3f}{row['recall']:>10.3f}"
+              f"{row['f1']:>10.3f}{row['exact_match']:>10.3f}{row['n']:>6}{row['seconds']:>9.1f}{mark}")
+
+
+def _plot(rows: list[dict], run_id: str) -> Any:
+    """Training loss and slot F1 by step, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    loss = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([m.step for m in loss], [m.value for m in loss])
+    left.set(title="training loss", xlabel="step")
+    right.plot([r["step"] for r in rows], [r["f1"] for r in rows], marker="o")
+    right.set(title="slot F1 (0 = base model)", xlabel="step", ylim=(0, 1))
+    figure.tight_layout()
+    return figure
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit 2 with one line on bad input."""
+    try:
+        _run(argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _parse(argv: list[str] | None) -> EvaluateArguments:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EvaluateArguments, description=__doc__.split("\n")[0])
+
+    def fail(message: str) -> None:
+        raise InputError(message)
+
+    parser.error = fail
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.split not in ("train", "validation", "test"):
+        raise InputError(f"--split must be train, validation or test (got {args.split})")
+    if args.batch_size <= 0 or args.max_tokens <= 0 or args.max_samples < 0:
+        raise InputError("--batch_size and --max_tokens must be positive, --max_samples >= 0")
+    if args.register_best and not args.compare_run:
+        raise InputError("--register_best needs --compare_run")
+    return args
+
+
+def _run(argv: list[str] | None) -> None:
+    import datasets
+    import mlflow
+
+    from databricks_llm import data, tracking
+    from databricks_llm.evaluation import metric_dict
+
+    args = _parse(argv)
+    datasets.disable_progress_bars()
+    tracking.connect(args.job_dir)
+    split = data.load_e2e(args.dataset)[args.split]
+    if args.max_samples:
+        split = split.select(range(min(args.max_samples, len(split))))
+    sentences, references = split["ref"], split["mr"]
+
+    if args.compare_run:
+        rows = [{**score(uri, sentences, references, args.batch_size, args.max_tokens), "name": name, "step": step}
+                for name, step, uri in candidates(args.compare_run)]
+    else:
+        rows = [score(args.model_uri, sentences, references, args.batch_size, args.max_tokens)]
+    best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
+    print_table(rows, best["name"] if best else None)
+
+    with mlflow.start_run(run_name=f"evaluate-{args.split}", tags={"task": tracking.TASK, "kind": "evaluation"}):
+        mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(sentences),
+                           "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}"})
+        for row in rows:
+            suffix = f"_{row['name']}" if args.compare_run else ""
+            mlflow.log_metrics(metric_dict(row, ""), step=row.get("step", 0))
+            mlflow.log_table({"sentence": sentences, "reference": references, "prediction": row["predictions"],
+                              "correct": _exact(row["predictions"], references)},
+                             artifact_file=f"predictions{suffix}.json")
+        if args.compare_run:
+            mlflow.log_figure(_plot(rows, args.compare_run), "loss_and_slot_f1.png")
+            mlflow.set_tag("best_model", best["model_uri"])
+    summary = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(summary[0] if len(summary) == 1 else
+                                                     {"models": summary, "best": best["name"]}, indent=2))
+    if best and args.register_best:
+        _register(best, args.register_best, args.alias)
+
+
+def _exact(predictions: list[str], references: list[str]) -> list[bool]:
+    from databricks_llm.evaluation import slot_scores
+
+    return [slot_scores([p], [r])["exact_match"] == 1.0 for p, r in zip(predictions, references)]
+
+
+def _register(best: dict, name: str, alias: str) -> None:
+    import mlflow
+
+    if best["name"] == "base":
+        raise InputError("the base model scored best; nothing fine-tuned to register")
+    version = mlflow.register_model(best["model_uri"], name)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
+    print(f"[evaluate] registered {best['name']} as {name} version {version.version}, alias '{alias}'", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
