@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m databricks_llm.fine_tune --output_dir=outputs/checkpoints
+	$(PY) -m databricks_llm.notebook --profile=demo
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q

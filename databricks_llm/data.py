@@ -19,7 +19,7 @@ from databricks_llm import sample_data
 from databricks_llm.errors import InputError
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"
 INSTRUCTION = (
     "Extract the meaning representation of the restaurant description as comma-separated "
     "slot[value] pairs."
@@ -134,14 +134,20 @@ def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) ->
 
 
 def _prompt_parts(tokenizer: Any) -> tuple[str, str]:
-    """The text before and after the sentence, rendered once through the chat template if any."""
-    user = f"{INSTRUCTION}\n\nDescription: {_SENTINEL}"
+    """The text before and after the sentence, rendered once through the chat template if any.
+
+    The instruction is the system message (it replaces long default system prompts such as
+    SmolLM2's); templates that refuse a system role get it in the user message instead.
+    """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": _SENTINEL}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # jinja raises TemplateError from inside the template for unsupported roles
+            messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{_SENTINEL}"}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = f"### Instruction:\n{user}\n\n### Meaning representation:\n"
+        text = f"### Instruction:\n{INSTRUCTION}\n\n### Description:\n{_SENTINEL}\n\n### Meaning representation:\n"
         if tokenizer.bos_token:
             text = tokenizer.bos_token + text
     prefix, suffix = text.split(_SENTINEL)

@@ -92,24 +92,6 @@ def print_table(rows: list[dict], best: str | None = None) -> None:
               f"{row['f1']:>10.3f}{row['exact_match']:>10.3f}{row['n']:>6}{row['seconds']:>9.1f}{mark}")
 
 
-def _plot(rows: list[dict], run_id: str) -> Any:
-    """Training loss and slot F1 by step, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    loss = mlflow.MlflowClient().get_metric_history(run_id, "loss")
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([m.step for m in loss], [m.value for m in loss])
-    left.set(title="training loss", xlabel="step")
-    right.plot([r["step"] for r in rows], [r["f1"] for r in rows], marker="o")
-    right.set(title="slot F1 (0 = base model)", xlabel="step", ylim=(0, 1))
-    figure.tight_layout()
-    return figure
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input."""
     try:
@@ -143,7 +125,7 @@ def _run(argv: list[str] | None) -> None:
     import datasets
     import mlflow
 
-    from databricks_llm import data, tracking
+    from databricks_llm import data, runs, tracking
     from databricks_llm.evaluation import metric_dict
 
     args = _parse(argv)
@@ -172,7 +154,8 @@ def _run(argv: list[str] | None) -> None:
                               "correct": _exact(row["predictions"], references)},
                              artifact_file=f"predictions{suffix}.json")
         if args.compare_run:
-            mlflow.log_figure(_plot(rows, args.compare_run), "loss_and_slot_f1.png")
+            figure = runs.loss_figure(args.compare_run, [(r["step"], r["f1"]) for r in rows])
+            mlflow.log_figure(figure, "loss_and_slot_f1.png")
             mlflow.set_tag("best_model", best["model_uri"])
     summary = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
     if args.output_json:

@@ -98,8 +98,8 @@ def test_missing_path_is_refused():
 
 def test_prompt_uses_chat_template_and_contains_sentence(tiny_tokenizer):
     (prompt,) = data.build_prompts(tiny_tokenizer, ["  Aromi is a pub. "])
-    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert "Description: Aromi is a pub.<|im_end|>" in prompt
+    assert prompt == (f"<|im_start|>system\n{data.INSTRUCTION}<|im_end|>\n"
+                      "<|im_start|>user\nAromi is a pub.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_prompt_without_chat_template_uses_plain_format(tiny_tokenizer):

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from conftest import REPO, run_module
+from databricks_llm import data
 
 FAKE_SECRETS = {"DATABRICKS_TOKEN": "dapi-fake-secret-0001", "HF_TOKEN": "hf_fakeSecret0002",
                 "MY_SERVICE_PASSWORD": "pw-fake-secret-0003"}
@@ -58,7 +59,7 @@ def test_params_hold_training_model_lora_and_data_facts(job):
     assert params["lora_r"] == "8" and params["use_lora"] == "True"
     assert params["hidden_size"] == "32"
     assert params["train_rows"] == "16" and params["dataset"] == "embedded:e2e-sample"
-    assert params["prompt_version"] == "v1"
+    assert params["prompt_version"] == data.PROMPT_VERSION
 
 
 def test_tags_name_model_task_and_user_tags(job):

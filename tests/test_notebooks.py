@@ -1,0 +1,50 @@
+"""The notebooks: stored clean, and run headless with papermill as a chain (data -> fine-tune -> evaluation)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nbformat
+import pytest
+
+from conftest import REPO, run_module
+from databricks_llm.notebook import CHAIN, NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", CHAIN)
+def test_committed_notebook_has_no_outputs_and_a_parameters_cell(name):
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+
+
+def test_fine_tune_notebook_launches_deepspeed_from_the_kernel_env_and_checks_its_exit():
+    source = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / "02_fine_tune.ipynb", as_version=4).cells)
+    assert "Path(sys.executable).parent / \"deepspeed\"" in source
+    assert "!{DEEPSPEED} --num_gpus={num_gpus} --module databricks_llm.fine_tune" in source
+    assert "if _exit_code != 0:" in source
+
+
+@pytest.mark.slow
+def test_chain_runs_headless_on_the_embedded_model(tmp_path):
+    result = run_module("databricks_llm.notebook", "--profile=ci", f"--output={tmp_path / 'executed'}",
+                        f"--work_dir={tmp_path / 'work'}", cwd=REPO, timeout=1200,
+                        env={"PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evaluation = nbformat.read(tmp_path / "executed" / "03_evaluation.ipynb", as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in evaluation.cells])
+    assert "runs:/" in text and "slot F1" in text
+    assert (tmp_path / "work" / "checkpoints" / "mlflow_run_id").exists()
+
+
+@pytest.mark.slow
+def test_failing_deepspeed_shell_cell_fails_the_notebook(tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError, match="fine-tuning failed with exit code 2"):
+        papermill.execute_notebook(str(NOTEBOOKS / "02_fine_tune.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"ds_config": "no-such-config.json", "output_dir": str(tmp_path / "job")},
+                                   kernel_name="python3", cwd=str(REPO), progress_bar=False)
