@@ -56,10 +56,16 @@ def tracking_uri(output_dir: str) -> str:
 
 
 def connect(output_dir: str) -> str:
-    """Point MLflow at the target and make sure the experiment exists; returns its id."""
+    """Point MLflow at the target and make sure the experiment exists; returns its id.
+
+    The first contact uses 1 retry and a 10 s timeout, so an unreachable server is reported in
+    seconds rather than after MLflow's default minutes of retries.
+    """
     uri = tracking_uri(output_dir)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
@@ -70,6 +76,9 @@ def connect(output_dir: str) -> str:
             experiment_id = experiment.experiment_id
     except Exception as err:  # the client raises MlflowException, requests or OS errors alike
         raise InputError(f"MLflow tracking at {_redact_uri(uri)} is not usable: {str(err).splitlines()[0][:300]}") from None
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

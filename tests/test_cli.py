@@ -80,3 +80,12 @@ def test_help_documents_project_and_original_flags():
     for flag in ["--final_model_output_path", "--use_lora", "--use_4bit", "--deepspeed_config", "--max_seq_length",
                  "--lora_r", "--max_train_samples", "--gradient_checkpointing", "--eval_strategy", "--run_name"]:
         assert flag in result.stdout
+
+
+def test_unreachable_tracking_server_fails_fast_before_the_model_loads(tiny_model, tmp_path):
+    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}",
+                        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MLflow tracking at http://127.0.0.1:9 is not usable")
+    assert "Loading weights" not in result.stderr

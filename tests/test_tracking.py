@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import REPO, run_module
+from conftest import run_module
 from databricks_llm import data
 
 FAKE_SECRETS = {"DATABRICKS_TOKEN": "dapi-fake-secret-0001", "HF_TOKEN": "hf_fakeSecret0002",
