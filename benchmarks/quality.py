@@ -1,0 +1,72 @@
+"""Quality benchmark: SmolLM2-135M-Instruct + LoRA on the real E2E data, base model alongside.
+
+    python benchmarks/quality.py                       # full: ~30 min training budget, whole test split
+    python benchmarks/quality.py --max_steps=20 --test_samples=50 --quick   # CI-sized smoke run
+
+Trains with `databricks_llm.fine_tune` on ../shared/data/e2e_nlg/cleaned, then scores the final
+checkpoint and the zero-shot base model on the same test rows with `databricks_llm.evaluate`, and
+prints one line per model plus the ratio. Results are meant for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
+
+
+def run(module: str, *args: str) -> None:
+    command = [sys.executable, "-m", module, *args]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default=str(E2E))
+    parser.add_argument("--work_dir", default="outputs/bench_quality")
+    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--test_samples", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--quick", action="store_true", help="small eval batches and no base-model run")
+    args = parser.parse_args()
+    if not Path(args.dataset).exists():
+        print(f"error: dataset {args.dataset} not found", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir)
+    job = work / "checkpoints"
+    start = time.time()
+    run("databricks_llm.fine_tune", f"--dataset={args.dataset}", f"--output_dir={job}",
+        f"--max_steps={args.max_steps}", f"--per_device_train_batch_size={args.batch_size}",
+        f"--learning_rate={args.learning_rate}", "--lr_scheduler_type=cosine", "--warmup_steps=20",
+        f"--save_steps={args.max_steps}", f"--eval_steps={args.max_steps}", "--max_eval_samples=64",
+        "--eval_generation_samples=32", "--logging_steps=20", "--disable_tqdm=true")
+    train_seconds = time.time() - start
+    scores = {}
+    models = [("fine-tuned", str(job / "final_model"))] + ([] if args.quick else [("base", "embedded:smollm2-135m-instruct")])
+    for name, uri in models:
+        out = work / f"{name}.json"
+        run("databricks_llm.evaluate", f"--model_uri={uri}", f"--dataset={args.dataset}", "--split=test",
+            f"--max_samples={args.test_samples}", "--batch_size=32", "--max_tokens=96", f"--job_dir={job}",
+            f"--output_json={out}")
+        scores[name] = json.loads(out.read_text())
+    print(f"training: {args.max_steps} steps x batch {args.batch_size} in {train_seconds / 60:.1f} min")
+    for name, s in scores.items():
+        print(f"{name}: slot F1 {s['f1']:.4f}, precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
+              f"exact match {s['exact_match']:.4f}, n {s['n']}, {s['seconds']:.0f}s")
+    if "base" in scores:
+        base = max(scores["base"]["f1"], 1e-9)
+        print(f"slot_f1: ours {scores['fine-tuned']['f1']:.4f}, baseline {scores['base']['f1']:.4f}, "
+              f"ratio {scores['fine-tuned']['f1'] / base:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
