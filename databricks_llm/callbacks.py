@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
 from databricks_llm import tracking
+from databricks_llm.tracking import survive
 from databricks_llm.evaluation import metric_dict, slot_scores
 from databricks_llm.generation import generate
 
 SLOT_METRIC_PREFIXES = ("eval_slot_", "eval_exact_match")
-
-
-def _survive(action: str, fn: Callable[[], Any]) -> None:
-    """Tracking trouble must never kill training: report it and carry on."""
-    try:
-        fn()
-    except Exception as err:  # network, server and store errors all land here
-        print(f"[mlflow] {action} failed, training continues: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
-              flush=True)
 
 
 class CustomMLflowCallback(MLflowCallback):
@@ -43,20 +35,20 @@ class CustomMLflowCallback(MLflowCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict, model: Any = None, **kwargs: Any) -> None:
         if state.global_step > self._skip_until_step:
-            _survive("metric logging", lambda: super(CustomMLflowCallback, self).on_log(args, state, control, logs, model=model))
+            survive("metric logging", lambda: super(CustomMLflowCallback, self).on_log(args, state, control, logs, model=model))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         """Slot scores join the eval metrics after the Trainer logged them; log them at this step."""
         slot = {k: v for k, v in (metrics or {}).items() if k.startswith(SLOT_METRIC_PREFIXES)}
         if state.is_world_process_zero and slot:
-            _survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
+            survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not (state.is_world_process_zero and self._log_models):
             return
-        _survive("flushing metrics", mlflow.flush_async_logging)  # so the model links this step's metrics
+        survive("flushing metrics", mlflow.flush_async_logging)  # so the model links this step's metrics
         name = f"checkpoint-{state.global_step}"
-        _survive(f"logging {name} as a model",
+        survive(f"logging {name} as a model",
                  lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
 
 

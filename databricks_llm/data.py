@@ -107,6 +107,13 @@ def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Datase
     return kept
 
 
+def check_source(dataset: str) -> None:
+    """Cheap check before anything is loaded: a path-like `--dataset` must exist."""
+    looks_like_path = dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in _READERS
+    if dataset != EMBEDDED_DATASET and looks_like_path and not Path(dataset).exists():
+        raise InputError(f"dataset path {dataset} does not exist")
+
+
 def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) -> datasets.DatasetDict:
     """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder).
 
@@ -114,13 +121,12 @@ def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) ->
     split is a seeded `validation_fraction` hold-out of train; a missing test split reuses
     validation.
     """
+    check_source(dataset)
     if dataset == EMBEDDED_DATASET:
         raw = {s: datasets.Dataset.from_list(sample_data.generate(n, seed=i))
                for i, (s, n) in enumerate([("train", 400), ("validation", 50), ("test", 50)])}
     elif Path(dataset).exists():
         raw = _load_local(Path(dataset))
-    elif dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in _READERS:
-        raise InputError(f"dataset path {dataset} does not exist")
     else:
         raw = _load_hub(dataset)
     splits = {k: _normalise(k, v, dataset) for k, v in raw.items() if k in SPLITS}

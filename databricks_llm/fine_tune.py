@@ -73,7 +73,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 def _validate(script: ScriptArguments, training) -> None:
     """Everything that can be checked before a model or dataset is touched."""
-    from databricks_llm import models, runtime
+    from databricks_llm import data, models, runtime
 
     if script.use_4bit:
         if not script.use_lora:
@@ -100,8 +100,7 @@ def _validate(script: ScriptArguments, training) -> None:
         training.resume_from_checkpoint = _resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
     models.check_source(script.model)
     models.check_source(script.tokenizer)
-    if not Path(script.dataset).exists() and script.dataset.startswith((".", "/", "~")):
-        raise InputError(f"dataset path {script.dataset} does not exist")
+    data.check_source(script.dataset)
 
 
 def _resolve_checkpoint(value: str, output_dir: str) -> str:
@@ -198,21 +197,21 @@ def train(script: ScriptArguments, training) -> None:
         model = models.add_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                                 target_modules=script.lora_target_modules,
                                 gradient_checkpointing=training.gradient_checkpointing, use_4bit=script.use_4bit)
-    skip_until = -1
+    run, skip_until = None, -1
     if tracked:
         run, skip_until = tracking.start_run(training.output_dir, training.run_name,
                                              resume=bool(training.resume_from_checkpoint))
         print(f"[mlflow] run {run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
-        if skip_until < 0:
-            _log_job(script, training, model, splits)
-    trainer = Trainer(
-        model=model, args=training, processing_class=tokenizer,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
-        data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
-        callbacks=_callbacks(script, training, tokenizer, splits["validation"], skip_until),
-    )
     try:
+        if run is not None and skip_until < 0:
+            _log_job(script, training, model, splits)
+        trainer = Trainer(
+            model=model, args=training, processing_class=tokenizer,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
+            data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
+            callbacks=_callbacks(script, training, tokenizer, splits["validation"], skip_until),
+        )
         if training.resume_from_checkpoint:
             step = json.loads((Path(training.resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
             print(f"[resume] continuing from {training.resume_from_checkpoint} (step {step})", flush=True)
@@ -221,11 +220,11 @@ def train(script: ScriptArguments, training) -> None:
         if trainer.is_world_process_zero():
             _finish(script, training, tokenizer, tracked)
     except BaseException:
-        if tracked:
-            mlflow.end_run("FAILED")
+        if run is not None:
+            tracking.survive("marking the run FAILED", lambda: mlflow.end_run("FAILED"))
         raise
-    if tracked:
-        mlflow.end_run()
+    if run is not None:
+        tracking.survive("ending the run", mlflow.end_run)
 
 
 def _callbacks(script: ScriptArguments, training, tokenizer, validation, skip_until: int) -> list:
@@ -272,15 +271,19 @@ def _finish(script: ScriptArguments, training, tokenizer, tracked: bool) -> None
         models.merge_adapter(script.final_model_output_path)
     print(f"[done] final model in {script.final_model_output_path}", flush=True)
     if tracked:
-        tracking.log_model_folder(script.final_model_output_path, name="final_model", with_example=True,
-                                  registered_model_name=script.registered_model_name)
+        tracking.survive("logging the final model", lambda: tracking.log_model_folder(
+            script.final_model_output_path, name="final_model", with_example=True,
+            registered_model_name=script.registered_model_name))
         tensorboard = os.environ.get("TENSORBOARD_LOGGING_DIR")
         if tensorboard and Path(tensorboard).is_dir():
-            mlflow.log_artifacts(tensorboard, "tensorboard")
+            tracking.survive("uploading TensorBoard events", lambda: mlflow.log_artifacts(tensorboard, "tensorboard"))
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input, before heavy work starts."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the MLflow run is marked FAILED
     try:
         script, training = parse_args(argv)
         train(script, training)

@@ -15,14 +15,16 @@ from typing import Any
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHAIN = ("01_data_preparation.ipynb", "02_fine_tune.ipynb", "03_evaluation.ipynb")
 # Per profile: parameters for the fine-tuning and evaluation notebooks (data prep uses defaults).
+# ci and demo run on CPU: ZeRO-2 there, since generating under ZeRO-3 offload gathers every
+# layer for every new token (minutes for a handful of sentences on 2 cores).
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "ci": {
-        "fine_tune": {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 2,
+        "fine_tune": {"ds_config": "ds_configs/ds_zero_2.json", "max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 2,
                       "extra_args": "--max_train_samples=8 --max_eval_samples=4 --eval_generation_samples=2 "
                                     "--logging_steps=1 --disable_tqdm=true"},
         "evaluate": {"max_samples": 4, "max_tokens": 32},
     },
-    "demo": {"fine_tune": {}, "evaluate": {}},
+    "demo": {"fine_tune": {"ds_config": "ds_configs/ds_zero_2.json"}, "evaluate": {}},
     "full": {
         "fine_tune": {"max_steps": -1, "save_steps": 200,
                       "extra_args": "--num_train_epochs=1 --eval_generation_samples=64 --logging_steps=10"},

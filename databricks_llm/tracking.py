@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 from mlflow.models import ModelSignature
@@ -36,6 +36,7 @@ SIGNATURE = ModelSignature(
                    ColSpec("long", "max_tokens", required=False)]),
     outputs=Schema([ColSpec("string")]),
 )
+JOB_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 _MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".model", ".jinja", ".txt"}
 _NOT_MODEL_FILES = {"trainer_state.json"}
 _PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas"]
@@ -59,12 +60,14 @@ def connect(output_dir: str) -> str:
     """Point MLflow at the target and make sure the experiment exists; returns its id.
 
     The first contact uses 1 retry and a 10 s timeout, so an unreachable server is reported in
-    seconds rather than after MLflow's default minutes of retries.
+    seconds rather than after MLflow's default minutes of retries. Later calls get
+    JOB_HTTP_LIMITS unless the user set those variables: a server that goes away mid-job
+    costs each logging call under a minute, not several.
     """
     uri = tracking_uri(output_dir)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    saved = {k: os.environ.get(k, default) for k, default in JOB_HTTP_LIMITS.items()}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
         experiment = mlflow.get_experiment_by_name(name)
@@ -77,8 +80,7 @@ def connect(output_dir: str) -> str:
     except Exception as err:  # the client raises MlflowException, requests or OS errors alike
         raise InputError(f"MLflow tracking at {_redact_uri(uri)} is not usable: {str(err).splitlines()[0][:300]}") from None
     finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        os.environ.update(saved)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -208,3 +210,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def survive(action: str, fn: Callable[[], Any]) -> None:
+    """Tracking trouble must never kill training: report it and carry on."""
+    try:
+        fn()
+    except Exception as err:  # network, server and store errors all land here
+        print(f"[mlflow] {action} failed, training continues: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+              flush=True)

@@ -6,14 +6,18 @@ Everything is built locally (no hub), in seconds, once per test session.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e_nlg"
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -76,3 +80,44 @@ def run_module(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow.set_tracking_uri sets it
     full_env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: int = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def start(command: list[str], health: str, log: Path) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `health` answers."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wait_for(health, process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+    process.wait(timeout=30)
+
+
+def start_mlflow_server(root: Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite backend and artifact root."""
+    port = port or free_port()
+    process = start([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+                     "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1"], f"http://127.0.0.1:{port}/health", root / "server.log")
+    return f"http://127.0.0.1:{port}", process

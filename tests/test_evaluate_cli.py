@@ -71,3 +71,14 @@ def test_evaluate_refuses_an_unknown_split(job):
     result = run_module("databricks_llm.evaluate", f"--job_dir={job[0]}", "--split=dev")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: --split must be train, validation or test (got dev)"
+
+
+def test_early_stopping_on_slot_f1_stops_before_max_steps(tiny_model, tmp_path):
+    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}",
+                        "--max_steps=20", "--save_steps=2", "--eval_steps=2", "--max_train_samples=8",
+                        "--per_device_train_batch_size=4", "--eval_generation_samples=2", "--early_stopping_patience=1",
+                        "--metric_for_best_model=eval_slot_f1", "--disable_tqdm=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads(max(tmp_path.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert state["global_step"] < 20
+    assert state["best_metric"] is not None

@@ -4,61 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import run_module
+from conftest import MLFLOW, free_port, run_module, start_mlflow_server, stop, wait_for
 
 pytestmark = pytest.mark.slow
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: int = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert process.poll() is None, f"server exited with {process.returncode}"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-def start(command: list[str], health: str, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    wait_for(health, process)
-    return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    process = start([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-                     "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                     "--workers", "1"], f"http://127.0.0.1:{port}/health", root / "server.log")
-    yield f"http://127.0.0.1:{port}"
+    url, process = start_mlflow_server(tmp_path_factory.mktemp("server"))
+    yield url
     stop(process)
 
 

@@ -1,0 +1,78 @@
+"""Faults survived: a job killed with SIGKILL resumes into the same MLflow run with every step once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from conftest import REPO, start_mlflow_server, stop
+
+pytestmark = pytest.mark.slow
+
+
+def start_job(model, out, *flags: str, env: dict | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "databricks_llm.fine_tune", f"--model={model}", f"--output_dir={out}",
+               "--max_steps=40", "--save_steps=5", "--eval_strategy=no", "--logging_steps=1",
+               "--max_train_samples=16", "--per_device_train_batch_size=4", "--disable_tqdm=true", *flags]
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(command, cwd=REPO, env={**base, "PYTHONPATH": str(REPO), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_killed_job_resumes_into_the_same_run_without_missing_or_repeated_steps(tiny_model, tmp_path):
+    job = start_job(tiny_model, tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoint-10" / "trainer_state.json").exists():
+        assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    run_id = (tmp_path / "mlflow_run_id").read_text()
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+
+    resumed = start_job(tiny_model, tmp_path, "--resume_from_checkpoint=true")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    run = mlflow.get_run(run_id)
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(1, 41))
+    assert run.info.status == "FINISHED"
+    assert len(mlflow.search_runs([run.info.experiment_id], output_format="list")) == 1
+    assert (tmp_path / "final_model" / "adapter_model.safetensors").exists()
+
+
+def test_terminated_job_marks_its_run_failed(tiny_model, tmp_path):
+    job = start_job(tiny_model, tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoint-5" / "trainer_state.json").exists():
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    job.wait(timeout=60)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.get_run((tmp_path / "mlflow_run_id").read_text()).info.status == "FAILED"
+
+
+def test_tracking_server_dying_mid_training_does_not_stop_training(tiny_model, tmp_path):
+    url, server = start_mlflow_server(tmp_path)
+    job = start_job(tiny_model, tmp_path / "job", env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "job" / "checkpoint-5" / "trainer_state.json").exists():
+            assert job.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        stop(server)
+    output, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, output[-3000:]
+    assert (tmp_path / "job" / "checkpoint-40").exists() and (tmp_path / "job" / "final_model").exists()
+    assert "[mlflow] logging checkpoint-" in output and "failed, training continues" in output
