@@ -10,7 +10,6 @@ from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
 from databricks_llm import tracking
-from databricks_llm.tracking import survive
 from databricks_llm.evaluation import metric_dict, slot_scores
 from databricks_llm.generation import generate
 
@@ -35,21 +34,22 @@ class CustomMLflowCallback(MLflowCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict, model: Any = None, **kwargs: Any) -> None:
         if state.global_step > self._skip_until_step:
-            survive("metric logging", lambda: super(CustomMLflowCallback, self).on_log(args, state, control, logs, model=model))
+            stock = super()
+            tracking.survive("metric logging", lambda: stock.on_log(args, state, control, logs, model=model))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         """Slot scores join the eval metrics after the Trainer logged them; log them at this step."""
         slot = {k: v for k, v in (metrics or {}).items() if k.startswith(SLOT_METRIC_PREFIXES)}
-        if state.is_world_process_zero and slot:
-            survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
+        if state.is_world_process_zero and slot and state.global_step > self._skip_until_step:
+            tracking.survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not (state.is_world_process_zero and self._log_models):
             return
-        survive("flushing metrics", mlflow.flush_async_logging)  # so the model links this step's metrics
+        tracking.survive("flushing metrics", mlflow.flush_async_logging)  # so the model links this step's metrics
         name = f"checkpoint-{state.global_step}"
-        survive(f"logging {name} as a model",
-                 lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
+        tracking.survive(f"logging {name} as a model",
+                         lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
 
 
 class SlotEvalCallback(TrainerCallback):
