@@ -46,3 +46,35 @@ def test_failing_deepspeed_shell_cell_fails_the_notebook(tmp_path):
         papermill.execute_notebook(str(NOTEBOOKS / "02_fine_tune.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"ds_config": "no-such-config.json", "output_dir": str(tmp_path / "job")},
                                    kernel_name="python3", cwd=str(REPO), progress_bar=False)
+
+
+class Widgets:
+    """Stands in for Databricks' dbutils.widgets, which exists only inside a workspace."""
+
+    def __init__(self, typed: dict[str, str]) -> None:
+        self.typed, self.created = typed, {}
+
+    def text(self, name: str, default: str) -> None:
+        self.created[name] = default
+
+    def get(self, name: str) -> str:
+        return self.typed.get(name, self.created[name])
+
+
+def test_widget_values_keep_defaults_off_databricks():
+    from databricks_llm.notebook import widget_values
+
+    assert widget_values({"max_steps": 40, "use_lora": True}, ["max_steps", "use_lora"]) == {"max_steps": 40, "use_lora": True}
+
+
+def test_widget_values_read_typed_widgets_on_databricks():
+    from types import SimpleNamespace
+
+    from databricks_llm.notebook import widget_values
+
+    widgets = Widgets({"max_steps": "7", "use_lora": "false"})
+    namespace = {"dbutils": SimpleNamespace(widgets=widgets), "max_steps": 40, "use_lora": True, "model": "m",
+                 "learning_rate": 1e-3}
+    values = widget_values(namespace, ["max_steps", "use_lora", "model", "learning_rate"])
+    assert values == {"max_steps": 7, "use_lora": False, "model": "m", "learning_rate": 1e-3}
+    assert widgets.created["max_steps"] == "40"
