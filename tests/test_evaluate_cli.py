@@ -48,7 +48,7 @@ def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tm
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert {"precision", "recall", "f1", "exact_match", "per_slot", "n", "seconds"} <= set(scores)
     assert scores["n"] == 4
-    assert "precision" in result.stdout and "recall" in result.stdout
+    assert "precision" in result.stdout and "recall" in result.stdout and "<- best" not in result.stdout
     (evaluation,) = mlflow.search_runs([run.info.experiment_id], filter_string="tags.kind = 'evaluation'",
                                        output_format="list")
     assert "slot_f1" in evaluation.data.metrics
