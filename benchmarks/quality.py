@@ -1,6 +1,6 @@
 """Quality benchmark: SmolLM2-135M-Instruct + LoRA on the real E2E data, base model alongside.
 
-    python benchmarks/quality.py                       # full: ~30 min training budget, whole test split
+    python benchmarks/quality.py                       # 150 steps (~30 min on 2 cores), whole test split
     python benchmarks/quality.py --max_steps=20 --test_samples=50 --quick   # CI-sized smoke run
 
 Trains with `databricks_llm.fine_tune` on ../shared/data/e2e_nlg/cleaned, then scores the final
@@ -31,7 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default=str(E2E))
     parser.add_argument("--work_dir", default="outputs/bench_quality")
-    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--max_steps", type=int, default=150, help="~12 s per step on 2 CPU cores")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--test_samples", type=int, default=0, help="0: the whole test split")
