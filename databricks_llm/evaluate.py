@@ -126,7 +126,7 @@ def _run(argv: list[str] | None) -> None:
     import mlflow
 
     from databricks_llm import data, runs, tracking
-    from databricks_llm.evaluation import metric_dict
+    from databricks_llm.evaluation import metric_dict, same_mr
 
     args = _parse(argv)
     datasets.disable_progress_bars()
@@ -151,7 +151,7 @@ def _run(argv: list[str] | None) -> None:
             suffix = f"_{row['name']}" if args.compare_run else ""
             mlflow.log_metrics(metric_dict(row, ""), step=row.get("step", 0))
             mlflow.log_table({"sentence": sentences, "reference": references, "prediction": row["predictions"],
-                              "correct": _exact(row["predictions"], references)},
+                              "correct": list(map(same_mr, row["predictions"], references))},
                              artifact_file=f"predictions{suffix}.json")
         if args.compare_run:
             figure = runs.loss_figure(args.compare_run, [(r["step"], r["f1"]) for r in rows])
@@ -164,12 +164,6 @@ def _run(argv: list[str] | None) -> None:
                                                      {"models": summary, "best": best["name"]}, indent=2))
     if best and args.register_best:
         _register(best, args.register_best, args.alias)
-
-
-def _exact(predictions: list[str], references: list[str]) -> list[bool]:
-    from databricks_llm.evaluation import slot_scores
-
-    return [slot_scores([p], [r])["exact_match"] == 1.0 for p, r in zip(predictions, references)]
 
 
 def _register(best: dict, name: str, alias: str) -> None:

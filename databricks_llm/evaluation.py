@@ -35,6 +35,11 @@ def _pairs(text: object) -> Counter:
     return Counter((key, value.lower()) for key, value in parse_mr(text))
 
 
+def same_mr(prediction: object, reference: object) -> bool:
+    """Exact match: the same multiset of normalised (slot, value) pairs."""
+    return _pairs(prediction) == _pairs(reference)
+
+
 def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -54,7 +59,7 @@ def slot_scores(predictions: list[str], references: list[str]) -> dict:
     exact = 0
     for prediction, reference in zip(predictions, references):
         pred, ref = _pairs(prediction), _pairs(reference)
-        exact += pred == ref
+        exact += pred == ref  # same_mr, without parsing twice
         for kind, pairs in (("tp", pred & ref), ("fp", pred - ref), ("fn", ref - pred)):
             for (key, _), n in pairs.items():
                 totals[kind] += n

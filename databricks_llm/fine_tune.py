@@ -218,7 +218,7 @@ def train(script: ScriptArguments, training) -> None:
         trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
         trainer.save_model(script.final_model_output_path)
         if trainer.is_world_process_zero():
-            _finish(script, training, tokenizer, tracked)
+            _finish(script, tokenizer, tracked)
     except BaseException:
         if run is not None:
             tracking.survive("marking the run FAILED", lambda: mlflow.end_run("FAILED"))
@@ -260,7 +260,7 @@ def _log_job(script: ScriptArguments, training, model, splits) -> None:
         tracking.log_dataset(splits[split].to_pandas(), script.dataset, split)
 
 
-def _finish(script: ScriptArguments, training, tokenizer, tracked: bool) -> None:
+def _finish(script: ScriptArguments, tokenizer, tracked: bool) -> None:
     """Rank 0: tokenizer and merged model next to the final weights; final model + TensorBoard to MLflow."""
     import mlflow
 

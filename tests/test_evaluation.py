@@ -71,3 +71,10 @@ def test_metric_names_are_flat_and_mlflow_safe():
     metrics = metric_dict(slot_scores([REF], [REF]), "eval_")
     assert metrics["eval_slot_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
     assert "eval_slot_f1_near" in metrics and all(" " not in k for k in metrics)
+
+
+def test_same_mr_ignores_order_case_and_spacing_but_not_values():
+    from databricks_llm.evaluation import same_mr
+
+    assert same_mr("eatType[Pub],  name[A]", "name[A], eatType[pub]")
+    assert not same_mr("name[A], eatType[pub]", "name[A], eatType[restaurant]")
