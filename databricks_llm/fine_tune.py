@@ -2,6 +2,7 @@
 
     python -m databricks_llm.fine_tune --output_dir=outputs/checkpoints [flags]
     deepspeed --num_gpus=N --module databricks_llm.fine_tune --deepspeed_config=ds_configs/ds_zero_3_cpu_offloading.json [flags]
+    torchrun --nproc_per_node=N databricks_llm/fine_tune.py [flags]     # a file path works too (Spark's distributors)
 
 Every flag of transformers' TrainingArguments is accepted, plus the script flags below; run
 with --help for the list. Booleans take `--flag=true|false`.
@@ -13,13 +14,17 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from databricks_llm.data import EMBEDDED_DATASET
-from databricks_llm.errors import InputError
-from databricks_llm.models import EMBEDDED_MODEL
+if not __package__:  # run as a file: import this package, not its modules as top-level names
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from databricks_llm.data import EMBEDDED_DATASET  # noqa: E402
+from databricks_llm.errors import InputError  # noqa: E402
+from databricks_llm.models import EMBEDDED_MODEL  # noqa: E402
 
 
 @dataclass
@@ -123,8 +128,10 @@ def _check_writable(path: Path) -> None:
         raise InputError(f"output path {path} is a file, not a folder")
     if not existing.is_dir():
         raise InputError(f"output path {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise InputError(f"output path {path} is not writable ({existing} denies write access)")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise InputError(f"output path {path} is not writable (creating a file in {existing} failed: {err.strerror})") from None
 
 
 def parse_args(argv: list[str] | None = None):
@@ -158,13 +165,19 @@ def parse_args(argv: list[str] | None = None):
         raise InputError(str(err).splitlines()[0]) from None
     script.final_model_output_path = script.final_model_output_path or str(Path(training.output_dir) / "final_model")
     _validate(script, training)
+    return script, training
+
+
+def setup_process(script: ScriptArguments, training):
+    """Join the process group (before TrainingArguments sees the DeepSpeed config) and set env defaults."""
+    from databricks_llm import runtime
+
     if script.deepspeed_config:
         runtime.set_distributed_env_defaults()
     runtime.init_process_group(use_deepspeed=bool(script.deepspeed_config))
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(training.output_dir) / "tensorboard"))
     report_to = [r for r in training.report_to if r != "mlflow"]  # CustomMLflowCallback replaces the stock one
-    training = dataclasses.replace(training, deepspeed=script.deepspeed_config, report_to=report_to)
-    return script, training
+    return dataclasses.replace(training, deepspeed=script.deepspeed_config, report_to=report_to)
 
 
 def train(script: ScriptArguments, training) -> None:
@@ -177,8 +190,6 @@ def train(script: ScriptArguments, training) -> None:
     from databricks_llm import data, models, runtime, tracking
 
     tracked = runtime.global_rank() == 0
-    if tracked:
-        tracking.connect(training.output_dir)
     datasets.disable_progress_bars()
     tokenizer = models.load_tokenizer(script.tokenizer, script.trust_remote_code)
     with training.main_process_first(desc="load and tokenize data"):
@@ -189,6 +200,8 @@ def train(script: ScriptArguments, training) -> None:
             splits["validation"] = splits["validation"].select(range(min(script.max_eval_samples, len(splits["validation"]))))
         tokenized = data.tokenize_splits(splits, tokenizer, script.max_seq_length)
     print(f"[data] {script.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+    if tracked:  # after the data checks, so bad data leaves no store behind; before the slow model load
+        tracking.connect(training.output_dir)
 
     half = {True: torch.bfloat16}.get(training.bf16) or {True: torch.float16}.get(training.fp16)
     model = models.load_model(script.model, use_4bit=script.use_4bit, half=half if script.use_lora else None,
@@ -197,11 +210,18 @@ def train(script: ScriptArguments, training) -> None:
         model = models.add_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                                 target_modules=script.lora_target_modules,
                                 gradient_checkpointing=training.gradient_checkpointing, use_4bit=script.use_4bit)
-    run, skip_until = None, -1
+    run, skip_until, monitor = None, -1, None
+    node, nodes = runtime.node()
     if tracked:
         run, skip_until = tracking.start_run(training.output_dir, training.run_name,
-                                             resume=bool(training.resume_from_checkpoint))
+                                             resume=bool(training.resume_from_checkpoint),
+                                             node_id=f"node-{node}" if nodes > 1 else None)
         print(f"[mlflow] run {run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
+    if nodes > 1:  # every node's first process reports its own system metrics into the one run
+        run_id = runtime.broadcast(run.info.run_id if run else None, training.device)
+        if not tracked and int(os.environ.get("LOCAL_RANK", "0")) == 0 and \
+                tracking.env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True):
+            monitor = tracking.node_system_metrics(run_id, training.output_dir, node)
     try:
         if run is not None and skip_until < 0:
             _log_job(script, training, model, splits)
@@ -223,6 +243,9 @@ def train(script: ScriptArguments, training) -> None:
         if run is not None:
             tracking.survive("marking the run FAILED", lambda: mlflow.end_run("FAILED"))
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if run is not None:
         tracking.survive("ending the run", mlflow.end_run)
 
@@ -286,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the MLflow run is marked FAILED
     try:
         script, training = parse_args(argv)
-        train(script, training)
+        train(script, setup_process(script, training))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

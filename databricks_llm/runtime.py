@@ -44,6 +44,20 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def node() -> tuple[int, int]:
+    """(this node's index, number of nodes) from what torchrun, deepspeed or Spark's distributors set."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    return global_rank() // per_node, max(world // per_node, 1)
+
+
+def broadcast(value, device: torch.device):
+    """Rank 0's `value` on every rank of the process group."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def check_precision(fp16: bool, bf16: bool) -> None:
     """Refuse mixed-precision flags the hardware cannot honour, with the reason."""
     if fp16 and bf16:

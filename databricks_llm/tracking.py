@@ -89,12 +89,15 @@ def _redact_uri(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
-def start_run(output_dir: str, run_name: str | None, resume: bool) -> tuple[Any, int]:
+def start_run(output_dir: str, run_name: str | None, resume: bool, node_id: str | None = None) -> tuple[Any, int]:
     """Start (or, on resume, reopen) the job's run; returns it and the last step it logged.
 
     The run id is kept in <output_dir>/mlflow_run_id so that a resumed job continues the
-    same run; metric steps up to the returned one are not logged again.
+    same run; metric steps up to the returned one are not logged again. `node_id` prefixes
+    this node's system metrics (multi-node jobs).
     """
+    if node_id:
+        mlflow.system_metrics.set_system_metrics_node_id(node_id)
     run_file = Path(output_dir) / RUN_ID_FILE
     run_id = os.environ.get("MLFLOW_RUN_ID") or (run_file.read_text().strip() if resume and run_file.exists() else None)
     run = mlflow.start_run(
@@ -104,6 +107,20 @@ def start_run(output_dir: str, run_name: str | None, resume: bool) -> tuple[Any,
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     run_file.write_text(run.info.run_id)
     return run, _last_logged_step(run.info.run_id) if run_id else -1
+
+
+def node_system_metrics(run_id: str, output_dir: str, node: int):
+    """Start logging this node's system metrics into the job's run, as system/node-<i>/...
+
+    For the nodes of a multi-node job other than the one with global rank 0, which gets its
+    node id through `start_run`. Returns the monitor; call `.finish()` at the end.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, node_id=f"node-{node}", resume_logging=True,
+                                   tracking_uri=tracking_uri(output_dir))
+    monitor.start()
+    return monitor
 
 
 def _last_logged_step(run_id: str) -> int:

@@ -56,6 +56,18 @@ def test_output_dir_that_is_a_file_is_refused(capsys, no_loading, tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_unwritable_output_dir_is_refused_even_for_root(capsys, no_loading):
+    err = refused(capsys, ["--output_dir=/proc/databricks_llm_out"])
+    assert "output path /proc/databricks_llm_out is not writable" in err
+
+
+def test_bad_data_found_after_parsing_leaves_nothing_written(capsys, monkeypatch, tiny_model, tmp_path):
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    err = refused(capsys, [f"--model={tiny_model}", f"--output_dir={tmp_path}/out", "--max_seq_length=8"])
+    assert "--max_seq_length=8 is too small" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_incomplete_checkpoint_is_refused_by_name(capsys, no_loading, tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     err = refused(capsys, [f"--output_dir={tmp_path}", f"--resume_from_checkpoint={tmp_path / 'checkpoint-5'}"])

@@ -1,4 +1,4 @@
-"""Faults survived: a job killed with SIGKILL resumes into the same MLflow run with every step once."""
+"""Faults survived: SIGKILL then resume, SIGTERM, and a tracking server that goes away and comes back."""
 
 from __future__ import annotations
 
@@ -61,18 +61,32 @@ def test_terminated_job_marks_its_run_failed(tiny_model, tmp_path):
     assert mlflow.get_run((tmp_path / "mlflow_run_id").read_text()).info.status == "FAILED"
 
 
-def test_tracking_server_dying_mid_training_does_not_stop_training(tiny_model, tmp_path):
+def test_tracking_server_outage_mid_training_is_survived_and_logging_resumes(tiny_model, tmp_path):
     url, server = start_mlflow_server(tmp_path)
-    job = start_job(tiny_model, tmp_path / "job", env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    port = int(url.rsplit(":", 1)[1])
+    job_dir = tmp_path / "job"
+    job = start_job(tiny_model, job_dir, "--max_steps=200", "--save_steps=25", "--gradient_accumulation_steps=4",
+                    env={"MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
     try:
         deadline = time.time() + 300
-        while not (tmp_path / "job" / "checkpoint-5" / "trainer_state.json").exists():
+        while not (job_dir / "checkpoint-25" / "trainer_state.json").exists():
             assert job.poll() is None and time.time() < deadline
             time.sleep(0.2)
-    finally:
         stop(server)
-    output, _ = job.communicate(timeout=900)
+        url, server = start_mlflow_server(tmp_path, port=port)  # same store, same address
+        back_at = max(int(p.name.split("-")[1]) for p in job_dir.glob("checkpoint-*"))
+        assert back_at < 200, "training ended before the server came back: raise --max_steps"
+        output, _ = job.communicate(timeout=900)
+        mlflow.set_tracking_uri(url)
+        run = mlflow.get_run((job_dir / "mlflow_run_id").read_text())
+        steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")}
+        models = {m.name for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")}
+    finally:
+        job.kill()
+        stop(server)
     assert job.returncode == 0, output[-3000:]
-    assert (tmp_path / "job" / "checkpoint-40").exists() and (tmp_path / "job" / "final_model").exists()
-    assert "[mlflow] logging checkpoint-" in output and "failed, training continues" in output
+    assert (job_dir / "checkpoint-200").exists() and (job_dir / "final_model").exists()
+    assert "failed, training continues" in output and len(steps) < 200  # the outage cost some steps
+    assert run.info.status == "FINISHED"
+    assert {s for s in steps if s > back_at + 25}, f"nothing logged after the server came back at step {back_at}"
+    assert {"checkpoint-200", "final_model"} <= models
