@@ -55,7 +55,7 @@ TRAINING_DEFAULTS = dict(
     output_dir="outputs/checkpoints", learning_rate=2e-4, num_train_epochs=1.0,
     per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
     eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
-    report_to="tensorboard", remove_unused_columns=False,
+    report_to="tensorboard", remove_unused_columns=False, ddp_find_unused_parameters=False,
 )
 _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
 
@@ -270,13 +270,14 @@ def _callbacks(script: ScriptArguments, training, tokenizer, validation, skip_un
 
 
 def _log_job(script: ScriptArguments, training, model, splits) -> None:
-    """Params (training args, model and LoRA config, data facts), tags and dataset inputs."""
-    from databricks_llm import data, tracking
+    """Params (training args, model and LoRA config, data facts, process layout), tags and dataset inputs."""
+    from databricks_llm import data, runtime, tracking
 
     params = {**model.config.to_dict(), **training.to_dict(), **dataclasses.asdict(script)}
     if hasattr(model, "peft_config"):
         params.update({f"lora_{k}": v for k, v in model.peft_config["default"].to_dict().items()})
-    params.update({f"{k}_rows": len(v) for k, v in splits.items()}, prompt_version=data.PROMPT_VERSION)
+    params.update({f"{k}_rows": len(v) for k, v in splits.items()}, prompt_version=data.PROMPT_VERSION,
+                  world_size=training.world_size, nodes=runtime.node()[1])
     tracking.log_params(params)
     tracking.set_tags(script.model)
     for split in ("train", "validation"):

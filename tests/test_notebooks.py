@@ -23,6 +23,7 @@ def test_fine_tune_notebook_launches_deepspeed_from_the_kernel_env_and_checks_it
     source = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / "02_fine_tune.ipynb", as_version=4).cells)
     assert "Path(sys.executable).parent / \"deepspeed\"" in source
     assert "!{DEEPSPEED} --num_gpus={num_gpus} --module databricks_llm.fine_tune" in source
+    assert "run_on_spark(shlex.split(JOB_FLAGS)" in source
     assert "if _exit_code != 0:" in source
 
 
@@ -78,3 +79,22 @@ def test_widget_values_read_typed_widgets_on_databricks():
     values = widget_values(namespace, ["max_steps", "use_lora", "model", "learning_rate"])
     assert values == {"max_steps": 7, "use_lora": False, "model": "m", "learning_rate": 1e-3}
     assert widgets.created["max_steps"] == "40"
+
+
+@pytest.mark.slow
+def test_fine_tune_notebook_can_train_through_spark(tiny_model, tmp_path, monkeypatch):
+    import sys
+
+    import papermill
+
+    from databricks_llm.data import EMBEDDED_DATASET
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    job = tmp_path / "job"
+    papermill.execute_notebook(str(NOTEBOOKS / "02_fine_tune.ipynb"), str(tmp_path / "out.ipynb"), parameters={
+        "model": str(tiny_model), "dataset": EMBEDDED_DATASET, "output_dir": str(job), "spark_processes": 2,
+        "final_model_output_path": str(tmp_path / "final"), "ds_config": "ds_configs/ds_zero_2.json", "max_steps": 2,
+        "per_device_train_batch_size": 2, "save_steps": 2, "extra_args": "--max_train_samples=8 --max_eval_samples=4"
+        " --eval_generation_samples=2"}, kernel_name="python3", cwd=str(REPO), progress_bar=False)
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists() and (job / "checkpoint-2").is_dir()
+    assert "best or last checkpoint: runs:/" in (tmp_path / "out.ipynb").read_text()
