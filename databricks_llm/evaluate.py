@@ -32,6 +32,7 @@ class EvaluateArguments:
     max_samples: int = field(default=200, metadata={"help": "Score the first N rows of the split (0: all)."})
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     max_tokens: int = field(default=128, metadata={"help": "Most new tokens per prediction."})
+    dtype: str = field(default="float32", metadata={"help": "Weights for generation: float32 or bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs; see docs/benchmarks.md)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the scores here as JSON."})
     register_best: str | None = field(default=None, metadata={"help": "With --compare_run: register the best checkpoint under this model name."})
     alias: str = field(default="champion", metadata={"help": "Alias given to the registered best version."})
@@ -53,12 +54,16 @@ def load_scorable(uri: str) -> tuple[Any, Any]:
     return load_for_inference(uri)
 
 
-def score(uri: str, sentences: list[str], references: list[str], batch_size: int, max_tokens: int) -> dict:
+def score(uri: str, sentences: list[str], references: list[str], batch_size: int, max_tokens: int,
+          dtype: str = "float32") -> dict:
     """Slot scores of one model, with its predictions and the seconds generation took."""
+    import torch
+
     from databricks_llm.evaluation import slot_scores
     from databricks_llm.generation import generate
 
     model, tokenizer = load_scorable(uri)
+    model = model.to(getattr(torch, dtype))
     start = time.time()
     predictions = generate(model, tokenizer, sentences, max_tokens=max_tokens, batch_size=batch_size)
     result = slot_scores(predictions, references)
@@ -116,6 +121,8 @@ def _parse(argv: list[str] | None) -> EvaluateArguments:
         raise InputError(f"--split must be train, validation or test (got {args.split})")
     if args.batch_size <= 0 or args.max_tokens <= 0 or args.max_samples < 0:
         raise InputError("--batch_size and --max_tokens must be positive, --max_samples >= 0")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype must be float32 or bfloat16 (got {args.dtype})")
     if args.register_best and not args.compare_run:
         raise InputError("--register_best needs --compare_run")
     return args
@@ -137,15 +144,15 @@ def _run(argv: list[str] | None) -> None:
     sentences, references = split["ref"], split["mr"]
 
     if args.compare_run:
-        rows = [{**score(uri, sentences, references, args.batch_size, args.max_tokens), "name": name, "step": step}
+        rows = [{**score(uri, sentences, references, args.batch_size, args.max_tokens, args.dtype), "name": name, "step": step}
                 for name, step, uri in candidates(args.compare_run)]
     else:
-        rows = [score(args.model_uri, sentences, references, args.batch_size, args.max_tokens)]
+        rows = [score(args.model_uri, sentences, references, args.batch_size, args.max_tokens, args.dtype)]
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
 
     with mlflow.start_run(run_name=f"evaluate-{args.split}", tags={"task": tracking.TASK, "kind": "evaluation"}):
-        mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(sentences),
+        mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(sentences), "dtype": args.dtype,
                            "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}"})
         for row in rows:
             suffix = f"_{row['name']}" if args.compare_run else ""

@@ -16,16 +16,19 @@ def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: in
              temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
     """Complete the prompts for `sentences` in left-padded batches; greedy when temperature is 0.
 
-    Sentences longer than MAX_SENTENCE_CHARS are cut to that length (a restaurant description
-    never needs more; a 100 KB request would otherwise exhaust memory). `synced_gpus` keeps
-    ZeRO-3 ranks stepping together while they generate.
+    Prompts are batched in length order (less padding), and the outputs returned in input
+    order. Sentences longer than MAX_SENTENCE_CHARS are cut to that length (a restaurant
+    description never needs more; a 100 KB request would otherwise exhaust memory).
+    `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate.
     """
     prompts = encode_prompts(tokenizer, [s[:MAX_SENTENCE_CHARS] for s in sentences])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    outputs = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = [prompts[i] for i in rows]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
@@ -34,5 +37,6 @@ def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: in
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                  synced_gpus=synced_gpus, **sampling)
-        outputs += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        for i, text in zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+            outputs[i] = text.strip()
     return outputs

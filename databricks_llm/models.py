@@ -161,13 +161,16 @@ def merge_adapter(folder: str) -> Path:
 
 
 def load_for_inference(source: str) -> tuple[Any, Any]:
-    """A model (saved folder, LoRA adapter folder, hub id, .gguf, embedded) ready to generate."""
+    """A model (saved folder, LoRA adapter folder, hub id, .gguf, embedded) ready to generate.
+
+    A LoRA adapter is merged into its base on load: same outputs, no adapter cost per token.
+    """
     folder = resolve(source)
     tokenizer = load_tokenizer(folder)
     if (Path(folder) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32)
+        model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32).merge_and_unload()
     else:
         model = _from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
     if torch.cuda.is_available():
