@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--test_samples", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--quick", action="store_true", help="small eval batches and no base-model run")
     args = parser.parse_args()
-    if not Path(args.dataset).exists():
+    if not args.dataset.startswith("embedded:") and not Path(args.dataset).exists():
         print(f"error: dataset {args.dataset} not found", file=sys.stderr)
         return 2
     work = Path(args.work_dir)
@@ -62,9 +62,8 @@ def main() -> int:
         print(f"{name}: slot F1 {s['f1']:.4f}, precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
               f"exact match {s['exact_match']:.4f}, n {s['n']}, {s['seconds']:.0f}s")
     if "base" in scores:
-        base = max(scores["base"]["f1"], 1e-9)
-        print(f"slot_f1: ours {scores['fine-tuned']['f1']:.4f}, baseline {scores['base']['f1']:.4f}, "
-              f"ratio {scores['fine-tuned']['f1'] / base:.1f}")
+        ours, base = scores["fine-tuned"]["f1"], scores["base"]["f1"]
+        print(f"slot_f1: ours {ours:.4f}, baseline {base:.4f}, ratio {ours / base if base else float('inf'):.1f}")
     return 0
 
 

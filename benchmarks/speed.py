@@ -1,0 +1,274 @@
+"""Speed benchmarks: our pipeline against seed-style baselines, side by side in one process.
+
+    python benchmarks/speed.py                    # SmolLM2-135M-Instruct + LoRA, real E2E data, 3 repeats
+    python benchmarks/speed.py --quick            # a few steps, one repeat: keeps the script working (CI)
+    python benchmarks/speed.py --model=meta-llama/Llama-2-7b-hf --bf16 --batch_size=16   # GPU, same script
+
+Each measure prints one line `name: ours X, baseline Y, ratio R` (medians over the repeats, with
+min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md records results.
+
+1. useful_tokens_per_s   target tokens trained per second: dynamic padding + prompt-masked loss (ours)
+                         vs padding every row to 256 tokens with a full-sequence loss (the seed).
+2. step_time_tracking    seconds per step with our MLflow callback, system metrics and a checkpoint
+                         logged as a model every --save_steps, vs report_to=none (both save to disk).
+3. checkpoint_log_s/_mb  one LoRA checkpoint logged as our MLflow model vs the stock
+                         HF_MLFLOW_LOG_ARTIFACTS behaviour (the whole checkpoint folder as artifacts).
+4. mfu                   achieved training FLOP/s (LoRA: 4N, full: 6N per token, + attention) vs this
+                         machine's matmul peak, measured here with the same dtype.
+5. generation_examples_per_s  batched generation (the pyfunc/evaluate path) vs one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
+SEED_LENGTH = 256
+
+
+def summary(name: str, ours: list[float], baseline: list[float], unit: str = "", higher_is_better: bool = True) -> None:
+    o, b = statistics.median(ours), statistics.median(baseline)
+    ratio = o / b if higher_is_better else b / o
+    print(f"{name}: ours {o:.4g}{unit}, baseline {b:.4g}{unit}, ratio {ratio:.2f} "
+          f"(ours {min(ours):.4g}..{max(ours):.4g}, baseline {min(baseline):.4g}..{max(baseline):.4g}, n={len(ours)})",
+          flush=True)
+
+
+def seed_style(row: dict, pad: int) -> dict:
+    """The original pipeline's row: padded to 256 tokens, loss on every real token."""
+    ids = row["input_ids"][:SEED_LENGTH]
+    padding = SEED_LENGTH - len(ids)
+    return {"input_ids": ids + [pad] * padding, "labels": ids + [-100] * padding,
+            "attention_mask": [1] * len(ids) + [0] * padding}
+
+
+def trainer(model, rows, collator, args, out: str, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    settings = dict(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=2e-4,
+                    report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, bf16=args.bf16,
+                    use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0)
+    settings.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=rows, data_collator=collator)
+
+
+def train_seconds(model, rows, collator, args, **overrides) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        return trainer(model, rows, collator, args, out, **overrides).train().metrics["train_runtime"]
+
+
+def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
+    """Best FLOP/s of square matmuls on this machine, in the training dtype."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        a @ b
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+def training_flops(model, rows, lora: bool) -> float:
+    """Matmul FLOPs of one pass over `rows` (non-pad tokens only): 2N forward, 2N backward to the
+    activations, plus 2N for weight gradients of what is trained; attention scores on top."""
+    config = model.config
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    squares = sum(len(r["input_ids"]) ** 2 for r in rows)
+    per_token = (4 * linear + 6 * adapters) if lora else 6 * linear
+    attention = 3 * 4 * config.num_hidden_layers * config.hidden_size * squares / 2  # causal: half the scores
+    return per_token * tokens + attention
+
+
+def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
+    from functools import partial
+
+    from transformers import default_data_collator
+
+    from databricks_llm.data import pad_batch
+
+    rows = train.select(range(args.steps * args.batch_size))
+    seed_rows = rows.map(lambda r: seed_style(r, tokenizer.pad_token_id))
+    useful = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
+    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    train_seconds(model, rows.select(range(args.batch_size)), collate, args)  # warm-up, untimed
+    ours, seed = [], []
+    for _ in range(args.repeats):
+        seed.append(useful / train_seconds(model, seed_rows, default_data_collator, args))
+        ours.append(useful / train_seconds(model, rows, collate, args))
+    summary("useful_tokens_per_s", ours, seed, " tok/s")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device)
+    lora = hasattr(model, "peft_config")
+    flops = [training_flops(model, rows, lora) * t / useful for t in ours]  # FLOP/s of each repeat
+    summary("mfu", [f / 1e12 for f in flops], [peak / 1e12], " TFLOP/s")
+
+
+def profile_training(model, tokenizer, train, args) -> None:
+    """Where a training step's time goes: torch profiler over `--steps` steps, top operators."""
+    from functools import partial
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from databricks_llm.data import pad_batch
+
+    rows = train.select(range(args.steps * args.batch_size))
+    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = train_seconds(model, rows, collate, args)
+    print(f"[profile] {args.steps} steps in {seconds:.1f} s", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+
+
+def measure_tracking(model, tokenizer, train, args) -> str:
+    """Returns a checkpoint folder for the logging measure."""
+    from functools import partial
+
+    import mlflow
+
+    from databricks_llm.callbacks import CustomMLflowCallback
+    from databricks_llm.data import pad_batch
+
+    rows = train.select(range(args.tracking_steps * args.tracking_batch_size))
+    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    from databricks_llm import tracking
+
+    os.environ.update({k: os.environ.get(k, v) for k, v in tracking.ASYNC_LOGGING_DEFAULTS.items()})  # as a job has
+    store = tempfile.mkdtemp()
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    experiment = mlflow.create_experiment("speed", artifact_location=Path(store, "artifacts").as_uri())
+    steps = {"logging_steps": 1, "save_strategy": "steps", "save_steps": args.save_steps,
+             "per_device_train_batch_size": args.tracking_batch_size}
+    plain, tracked = [], []
+    out = tempfile.mkdtemp()
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as scratch:
+            t = trainer(model, rows, collate, args, scratch, **steps)
+            plain.append(t.train().metrics["train_runtime"] / args.tracking_steps)
+        with mlflow.start_run(experiment_id=experiment, log_system_metrics=True):
+            t = trainer(model, rows, collate, args, out, **steps)
+            t.add_callback(CustomMLflowCallback())
+            tracked.append(t.train().metrics["train_runtime"] / args.tracking_steps)
+    summary("step_time_tracking", tracked, plain, " s", higher_is_better=False)
+    print(f"  (tracking overhead: {100 * (statistics.median(tracked) / statistics.median(plain) - 1):.1f}% "
+          f"with a checkpoint model every {args.save_steps} steps)", flush=True)
+    return str(Path(out) / f"checkpoint-{args.save_steps}")
+
+
+def folder_mb(uri: str) -> float:
+    from mlflow.artifacts import download_artifacts
+
+    path = Path(download_artifacts(uri))
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def measure_checkpoint_logging(checkpoint: str, args) -> None:
+    import mlflow
+
+    from databricks_llm import tracking
+
+    ours_s, stock_s, ours_mb, stock_mb = [], [], [], []
+    with mlflow.start_run():
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            info = tracking.log_model_folder(checkpoint, name=f"ours-{i}", step=i)
+            ours_s.append(time.perf_counter() - start)
+            ours_mb.append(folder_mb(mlflow.get_logged_model(info.model_id).artifact_location))
+            start = time.perf_counter()  # transformers' MLflowCallback.on_save with HF_MLFLOW_LOG_ARTIFACTS=1
+            info = mlflow.pyfunc.log_model(name=f"stock-{i}", artifacts={"model_path": checkpoint},
+                                           python_model=mlflow.pyfunc.PythonModel())
+            stock_s.append(time.perf_counter() - start)
+            stock_mb.append(folder_mb(mlflow.get_logged_model(info.model_id).artifact_location))
+    summary("checkpoint_log_s", ours_s, stock_s, " s", higher_is_better=False)
+    summary("checkpoint_log_mb", ours_mb, stock_mb, " MB", higher_is_better=False)
+
+
+def measure_generation(source: str, sentences: list[str], args) -> None:
+    from databricks_llm.generation import generate
+    from databricks_llm.models import load_for_inference
+
+    model, tokenizer = load_for_inference(source)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    generate(model, tokenizer, sentences[:2], max_tokens=4)  # warm-up
+    batched, single = [], []
+    for _ in range(args.repeats):
+        for size, times in ((1, single), (args.generation_batch_size, batched)):
+            start = time.perf_counter()
+            generate(model, tokenizer, sentences, max_tokens=args.max_tokens, batch_size=size)
+            times.append(len(sentences) / (time.perf_counter() - start))
+    summary("generation_examples_per_s", batched, single, " ex/s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--generation_model", default=None, help="default: --model (e.g. a fine-tuned final_model)")
+    parser.add_argument("--dataset", default=str(E2E) if E2E.exists() else "embedded:e2e-sample")
+    parser.add_argument("--full_fine_tune", action="store_true", help="train every weight instead of LoRA")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed run of measures 1 and 4")
+    parser.add_argument("--tracking_steps", type=int, default=25, help="steps per timed run of measure 2")
+    parser.add_argument("--tracking_batch_size", type=int, default=2, help="small: short steps make the overhead show")
+    parser.add_argument("--save_steps", type=int, default=25, help="checkpoint interval of measure 2 (fine_tune: 50)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generation_rows", type=int, default=16)
+    parser.add_argument("--generation_batch_size", type=int, default=16)
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--measures", default="tokens,tracking,generation",
+                        help="comma list of tokens (1 and 4), tracking (2 and 3), generation (5), profile")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, not the speed")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.tracking_steps, args.save_steps, args.repeats, args.tracking_batch_size = 2, 2, 2, 1, 1
+        args.batch_size, args.generation_rows, args.max_tokens = 2, 4, 8
+
+    import datasets
+
+    from databricks_llm import data, models
+
+    datasets.disable_progress_bars()
+    print(f"[speed] model {args.model}, data {args.dataset}, batch {args.batch_size}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
+    tokenizer = models.load_tokenizer(args.model)
+    splits = data.load_e2e(args.dataset)
+    needed = max(args.steps * args.batch_size, args.tracking_steps * args.tracking_batch_size)
+    train = splits["train"].select(range(min(needed, len(splits["train"]))))
+    train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256)["train"]
+    model = models.load_model(args.model, half=torch.bfloat16 if args.bf16 else None)
+    if not args.full_fine_tune:
+        model = models.add_lora(model, r=8, alpha=16, dropout=0.05, target_modules="all-linear",
+                                gradient_checkpointing=False, use_4bit=False)
+    measures = args.measures.split(",")
+    if "tokens" in measures:
+        measure_tokens_and_mfu(model, tokenizer, train, args)
+    if "tracking" in measures:
+        checkpoint = measure_tracking(model, tokenizer, train, args)
+        measure_checkpoint_logging(checkpoint, args)
+    if "profile" in measures:
+        profile_training(model, tokenizer, train, args)
+    if "generation" in measures:
+        measure_generation(args.generation_model or args.model, splits["test"]["ref"][:args.generation_rows], args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
