@@ -137,6 +137,23 @@ def profile_training(model, tokenizer, train, args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
+def profile_generation(source: str, sentences: list[str], args) -> None:
+    """Where generation time goes, one prompt at a time and batched: torch profiler, top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from databricks_llm.generation import generate
+    from databricks_llm.models import load_for_inference
+
+    model, tokenizer = load_for_inference(source)
+    generate(model, tokenizer, sentences[:2], max_tokens=4)  # warm-up
+    for size in (1, args.generation_batch_size):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            generate(model, tokenizer, sentences, max_tokens=args.max_tokens, batch_size=size)
+        print(f"[profile] generation, batch {size}: {len(sentences)} rows in {time.perf_counter() - start:.1f} s", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
+
+
 def measure_tracking(model, tokenizer, train, args) -> str:
     """Returns a checkpoint folder for the logging measure."""
     from functools import partial
@@ -265,6 +282,7 @@ def main() -> int:
         measure_checkpoint_logging(checkpoint, args)
     if "profile" in measures:
         profile_training(model, tokenizer, train, args)
+        profile_generation(args.generation_model or args.model, splits["test"]["ref"][:args.generation_rows], args)
     if "generation" in measures:
         measure_generation(args.generation_model or args.model, splits["test"]["ref"][:args.generation_rows], args)
     return 0

@@ -90,6 +90,7 @@ def test_fine_tune_notebook_can_train_through_spark(tiny_model, tmp_path, monkey
     from databricks_llm.data import EMBEDDED_DATASET
 
     monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's server, set by mlflow.set_tracking_uri
     job = tmp_path / "job"
     papermill.execute_notebook(str(NOTEBOOKS / "02_fine_tune.ipynb"), str(tmp_path / "out.ipynb"), parameters={
         "model": str(tiny_model), "dataset": EMBEDDED_DATASET, "output_dir": str(job), "spark_processes": 2,
