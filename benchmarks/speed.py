@@ -137,15 +137,25 @@ def profile_training(model, tokenizer, train, args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
+def warm_inference_model(source: str, args):
+    """The model the pyfunc/evaluate path generates with, in the benchmark's dtype, warmed up."""
+    from databricks_llm.generation import generate
+    from databricks_llm.models import load_for_inference
+
+    model, tokenizer = load_for_inference(source)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    generate(model, tokenizer, ["The Punter is a coffee shop."], max_tokens=4)
+    return model, tokenizer
+
+
 def profile_generation(source: str, sentences: list[str], args) -> None:
     """Where generation time goes, one prompt at a time and batched: torch profiler, top operators."""
     from torch.profiler import ProfilerActivity, profile
 
     from databricks_llm.generation import generate
-    from databricks_llm.models import load_for_inference
 
-    model, tokenizer = load_for_inference(source)
-    generate(model, tokenizer, sentences[:2], max_tokens=4)  # warm-up
+    model, tokenizer = warm_inference_model(source, args)
     for size in (1, args.generation_batch_size):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
@@ -219,12 +229,8 @@ def measure_checkpoint_logging(checkpoint: str, args) -> None:
 
 def measure_generation(source: str, sentences: list[str], args) -> None:
     from databricks_llm.generation import generate
-    from databricks_llm.models import load_for_inference
 
-    model, tokenizer = load_for_inference(source)
-    if args.bf16:
-        model = model.to(torch.bfloat16)
-    generate(model, tokenizer, sentences[:2], max_tokens=4)  # warm-up
+    model, tokenizer = warm_inference_model(source, args)
     batched, single = [], []
     for _ in range(args.repeats):
         for size, times in ((1, single), (args.generation_batch_size, batched)):
