@@ -3,11 +3,13 @@ are prepared for training (LoRA, QLoRA, full fine-tune)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -149,11 +151,30 @@ def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: 
     return model
 
 
+@contextlib.contextmanager
+def _this_process_only() -> Iterator[None]:
+    """Load a whole model here, even while a ZeRO-3 training job is live in this process.
+
+    Under a live ZeRO-3 config `from_pretrained` shards the new model across all ranks and waits
+    for the others to join, but rank 0 alone merges and logs the final model: it would hang, or
+    fail on a peer that has already exited. The config is hidden for the load and then restored.
+    """
+    from transformers.integrations import deepspeed
+
+    live = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = live
+
+
 def merge_adapter(folder: str) -> Path:
     """Write base+LoRA merged into `<folder>/merged` (a plain model that needs no PEFT)."""
     from peft import AutoPeftModelForCausalLM
 
-    merged = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32).merge_and_unload()
+    with _this_process_only():
+        merged = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32).merge_and_unload()
     target = Path(folder) / "merged"
     merged.save_pretrained(target)
     AutoTokenizer.from_pretrained(folder).save_pretrained(target)
@@ -167,12 +188,13 @@ def load_for_inference(source: str) -> tuple[Any, Any]:
     """
     folder = resolve(source)
     tokenizer = load_tokenizer(folder)
-    if (Path(folder) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+    with _this_process_only():
+        if (Path(folder) / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
 
-        model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32).merge_and_unload()
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
+            model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32).merge_and_unload()
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
     if torch.cuda.is_available():
         model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return model.eval(), tokenizer

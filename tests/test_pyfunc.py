@@ -58,3 +58,19 @@ def test_predict_returns_one_string_per_row_in_order(served):
 def test_a_100kb_prompt_is_truncated_not_fatal(served):
     (out,) = served.predict(None, {"prompt": "Aromi is a pub. " * 6400, "max_tokens": 2})
     assert isinstance(out, str)
+
+
+def test_model_loads_whole_in_one_process_while_a_zero3_job_is_live(tiny_model):
+    """Rank 0 loads the final model alone to check the input example; ZeRO-3 must not shard it."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    live_job = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        model = CompletionModel()
+        model.load_context(SimpleNamespace(artifacts={"model": str(tiny_model)}))
+        assert all(p.numel() > 0 for p in model.model.parameters())
+        assert is_deepspeed_zero3_enabled(), "the training job's ZeRO-3 config is restored"
+    finally:
+        unset_hf_deepspeed_config()
+        del live_job
