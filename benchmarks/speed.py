@@ -53,9 +53,13 @@ def seed_style(row: dict, pad: int) -> dict:
 
 
 def trainer(model, rows, collator, args, out: str, **overrides):
+    """A Trainer with fine_tune's sampler (length-grouped; all seed-style rows are 256 long anyway)."""
     from transformers import Trainer, TrainingArguments
 
+    from databricks_llm.fine_tune import TRAINING_DEFAULTS
+
     settings = dict(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=2e-4,
+                    train_sampling_strategy=TRAINING_DEFAULTS["train_sampling_strategy"],
                     report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, bf16=args.bf16,
                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0)
     settings.update(overrides)
@@ -85,29 +89,30 @@ def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
 
 def training_flops(model, rows, lora: bool) -> float:
     """Matmul FLOPs of one pass over `rows` (non-pad tokens only): 2N forward, 2N backward to the
-    activations, plus 2N for weight gradients of what is trained; attention scores on top."""
-    config = model.config
+    activations, plus 2N for weight gradients of what is trained; attention scores on top. The
+    vocabulary projection counts only where the loss needs it: one position per target token."""
+    config, head = model.config, model.get_output_embeddings()
     linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     tokens = sum(len(r["input_ids"]) for r in rows)
+    targets = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
     squares = sum(len(r["input_ids"]) ** 2 for r in rows)
     per_token = (4 * linear + 6 * adapters) if lora else 6 * linear
+    per_target = (4 if lora else 6) * head.weight.numel()
     attention = 3 * 4 * config.num_hidden_layers * config.hidden_size * squares / 2  # causal: half the scores
-    return per_token * tokens + attention
+    return per_token * tokens + per_target * targets + attention
 
 
 def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
-    from functools import partial
-
     from transformers import default_data_collator
 
-    from databricks_llm.data import pad_batch
+    from databricks_llm.data import collator
 
     rows = train.select(range(args.steps * args.batch_size))
     seed_rows = rows.map(lambda r: seed_style(r, tokenizer.pad_token_id))
     useful = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
-    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    collate = collator(model, tokenizer)
     train_seconds(model, rows.select(range(args.batch_size)), collate, args)  # warm-up, untimed
     ours, seed = [], []
     for _ in range(args.repeats):
@@ -123,14 +128,12 @@ def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
 
 def profile_training(model, tokenizer, train, args) -> None:
     """Where a training step's time goes: torch profiler over `--steps` steps, top operators."""
-    from functools import partial
-
     from torch.profiler import ProfilerActivity, profile
 
-    from databricks_llm.data import pad_batch
+    from databricks_llm.data import collator
 
     rows = train.select(range(args.steps * args.batch_size))
-    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    collate = collator(model, tokenizer)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         seconds = train_seconds(model, rows, collate, args)
     print(f"[profile] {args.steps} steps in {seconds:.1f} s", flush=True)
@@ -166,15 +169,13 @@ def profile_generation(source: str, sentences: list[str], args) -> None:
 
 def measure_tracking(model, tokenizer, train, args) -> str:
     """Returns a checkpoint folder for the logging measure."""
-    from functools import partial
-
     import mlflow
 
     from databricks_llm.callbacks import CustomMLflowCallback
-    from databricks_llm.data import pad_batch
+    from databricks_llm.data import collator
 
     rows = train.select(range(args.tracking_steps * args.tracking_batch_size))
-    collate = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
+    collate = collator(model, tokenizer)
     from databricks_llm import tracking
 
     os.environ.update({k: os.environ.get(k, v) for k, v in tracking.ASYNC_LOGGING_DEFAULTS.items()})  # as a job has
@@ -241,12 +242,15 @@ def measure_generation(source: str, sentences: list[str], args) -> None:
 
 
 def main() -> int:
+    from databricks_llm.fine_tune import ScriptArguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--generation_model", default=None, help="default: --model (e.g. a fine-tuned final_model)")
     parser.add_argument("--dataset", default=str(E2E) if E2E.exists() else "embedded:e2e-sample")
     parser.add_argument("--full_fine_tune", action="store_true", help="train every weight instead of LoRA")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--lora_dropout", type=float, default=ScriptArguments.lora_dropout, help="default: fine_tune's")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="steps per timed run of measures 1 and 4")
     parser.add_argument("--tracking_steps", type=int, default=25, help="steps per timed run of measure 2")
@@ -278,7 +282,7 @@ def main() -> int:
     train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256)["train"]
     model = models.load_model(args.model, half=torch.bfloat16 if args.bf16 else None)
     if not args.full_fine_tune:
-        model = models.add_lora(model, r=8, alpha=16, dropout=0.05, target_modules="all-linear",
+        model = models.add_lora(model, r=8, alpha=16, dropout=args.lora_dropout, target_modules="all-linear",
                                 gradient_checkpointing=False, use_4bit=False)
     measures = args.measures.split(",")
     if "tokens" in measures:

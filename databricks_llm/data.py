@@ -7,7 +7,10 @@ place the prompt is built; training, the pyfunc model and evaluation all call it
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,13 +183,14 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
     def encode(batch: dict[str, list]) -> dict[str, list]:
         prompts = encode_prompts(tokenizer, batch["ref"])
         targets = tokenizer([m.strip() for m in batch["mr"]], add_special_tokens=False)["input_ids"]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
         for prompt, target in zip(prompts, targets):
             if len(prompt) >= max_seq_length:
                 raise InputError(f"--max_seq_length={max_seq_length} is too small: a prompt has {len(prompt)} tokens")
             target = (target + [eos])[: max_seq_length - len(prompt)]
             out["input_ids"].append(prompt + target)
             out["labels"].append([-100] * len(prompt) + target)
+            out["length"].append(len(prompt) + len(target))  # read by the Trainer's length-grouped sampler
             out["truncated"].append(target[-1] != eos)
         return out
 
@@ -197,13 +201,40 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
     return tokenized.remove_columns("truncated")
 
 
-def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row (dynamic padding; labels padded with -100)."""
+def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
+              target_logits_only: bool = False) -> dict[str, torch.Tensor | int]:
+    """Pad a batch to its longest row (dynamic padding; labels padded with -100).
+
+    With `target_logits_only`, rows are left-padded so that every target ends the batch, and the
+    model is asked for logits only at the last positions, those that predict a target token
+    (`logits_to_keep`, labels cut to match). The vocabulary projection and softmax then skip the
+    prompt, whose labels are -100: same loss, less work. Position ids keep each row counting from 0.
+    """
     width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    ids, mask, labels = [], [], []
     for f in features:
         gap = width - len(f["input_ids"])
-        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * gap)
-        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
-        batch["labels"].append(f["labels"] + [-100] * gap)
-    return {k: torch.tensor(v) for k, v in batch.items()}
+        pad, fill = ([pad_token_id] * gap, [-100] * gap)
+        if target_logits_only:
+            ids.append(pad + f["input_ids"]), mask.append([0] * gap + [1] * len(f["input_ids"])), labels.append(fill + f["labels"])
+        else:
+            ids.append(f["input_ids"] + pad), mask.append([1] * len(f["input_ids"]) + [0] * gap), labels.append(f["labels"] + fill)
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    if target_logits_only:
+        keep = min(width, 1 + max(len(f["labels"]) - _first_target(f["labels"]) for f in features))  # +1: the logit before
+        batch["labels"] = batch["labels"][:, -keep:]
+        batch["logits_to_keep"] = torch.arange(width - keep, width)  # indices, not a count: a contiguous copy
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
+    """The Trainer's batches for `model`: logits at target positions only when its forward allows it
+    (every causal LM in transformers does; remote code may not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    selective = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return partial(pad_batch, pad_token_id=tokenizer.pad_token_id, target_logits_only=selective)
+
+
+def _first_target(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != -100), len(labels))

@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 if not __package__:  # run as a file: import this package, not its modules as top-level names
@@ -38,7 +37,7 @@ class ScriptArguments:
     deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0: no mask on every adapted input, about a tenth of a CPU step)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
     max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
@@ -56,6 +55,7 @@ TRAINING_DEFAULTS = dict(
     per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
     eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
     report_to="tensorboard", remove_unused_columns=False, ddp_find_unused_parameters=False,
+    train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding to compute
 )
 _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
 
@@ -229,7 +229,7 @@ def train(script: ScriptArguments, training) -> None:
             model=model, args=training, processing_class=tokenizer,
             train_dataset=tokenized["train"],
             eval_dataset=tokenized["validation"] if training.eval_strategy != "no" else None,
-            data_collator=partial(data.pad_batch, pad_token_id=tokenizer.pad_token_id),
+            data_collator=data.collator(model, tokenizer),
             callbacks=_callbacks(script, training, tokenizer, splits["validation"], skip_until),
         )
         if training.resume_from_checkpoint:

@@ -7,6 +7,7 @@ import json
 import datasets
 import pandas as pd
 import pytest
+import torch
 
 from conftest import SHARED_E2E
 from databricks_llm import data, sample_data
@@ -134,3 +135,32 @@ def test_pad_batch_pads_to_longest_row_only():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+
+
+def test_target_logits_only_left_pads_and_keeps_the_positions_that_predict_targets():
+    batch = data.pad_batch([{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+                            {"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}], pad_token_id=0, target_logits_only=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [0, 5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+    assert batch["logits_to_keep"].tolist() == [1, 2, 3]  # position 1 predicts the first target token of row 0
+    assert batch["labels"].tolist() == [[-100, 7, 8], [-100, -100, 7]]
+
+
+def test_target_logits_only_gives_the_same_loss_and_gradients(tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4])})
+    rows = list(data.tokenize_splits(ds, tiny_tokenizer, max_seq_length=256)["train"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    results = []
+    for target_logits_only in (False, True):
+        model.zero_grad()
+        batch = data.pad_batch(rows, tiny_tokenizer.pad_token_id, target_logits_only=target_logits_only)
+        out = model(**batch)
+        assert out.logits.shape[1] == len(batch.get("logits_to_keep", batch["input_ids"][0]))
+        out.loss.backward()
+        results.append((out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (plain_loss, plain_grads), (kept_loss, kept_grads) = results
+    assert kept_loss == pytest.approx(plain_loss, rel=1e-5)
+    torch.testing.assert_close(kept_grads, plain_grads, rtol=1e-4, atol=1e-6)
