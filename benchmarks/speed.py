@@ -7,15 +7,18 @@
 Each measure prints one line `name: ours X, baseline Y, ratio R` (medians over the repeats, with
 min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md records results.
 
-1. useful_tokens_per_s   target tokens trained per second: dynamic padding + prompt-masked loss (ours)
-                         vs padding every row to 256 tokens with a full-sequence loss (the seed).
+1. useful_tokens_per_s   target tokens trained per second: length-grouped dynamic padding, loss and
+                         logits only at target positions (ours) vs padding every row to 256 tokens
+                         with a full-sequence loss (the seed).
 2. step_time_tracking    seconds per step with our MLflow callback, system metrics and a checkpoint
                          logged as a model every --save_steps, vs report_to=none (both save to disk).
 3. checkpoint_log_s/_mb  one LoRA checkpoint logged as our MLflow model vs the stock
                          HF_MLFLOW_LOG_ARTIFACTS behaviour (the whole checkpoint folder as artifacts).
-4. mfu                   achieved training FLOP/s (LoRA: 4N, full: 6N per token, + attention) vs this
-                         machine's matmul peak, measured here with the same dtype.
-5. generation_examples_per_s  batched generation (the pyfunc/evaluate path) vs one prompt at a time.
+4. mfu                   achieved training FLOP/s (LoRA: 4N, full: 6N per token, the vocabulary
+                         projection per target token, + attention) vs this machine's matmul peak,
+                         measured here with the same dtype.
+5. generation_examples_per_s  batched generation (the pyfunc/evaluate path) vs one prompt at a time;
+                         pass a fine-tuned --generation_model: a base model answers in long prose.
 """
 
 from __future__ import annotations
@@ -141,13 +144,12 @@ def profile_training(model, tokenizer, train, args) -> None:
 
 
 def warm_inference_model(source: str, args):
-    """The model the pyfunc/evaluate path generates with, in the benchmark's dtype, warmed up."""
+    """The model the pyfunc/evaluate path generates with, in evaluate's `--dtype`, warmed up."""
     from databricks_llm.generation import generate
     from databricks_llm.models import load_for_inference
 
     model, tokenizer = load_for_inference(source)
-    if args.bf16:
-        model = model.to(torch.bfloat16)
+    model = model.to(getattr(torch, args.generation_dtype or ("bfloat16" if args.bf16 else "float32")))
     generate(model, tokenizer, ["The Punter is a coffee shop."], max_tokens=4)
     return model, tokenizer
 
@@ -252,13 +254,15 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lora_dropout", type=float, default=ScriptArguments.lora_dropout, help="default: fine_tune's")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="steps per timed run of measures 1 and 4")
+    parser.add_argument("--steps", type=int, default=8, help="steps per timed run of measures 1 and 4 (enough to amortise the Trainer start)")
     parser.add_argument("--tracking_steps", type=int, default=25, help="steps per timed run of measure 2")
     parser.add_argument("--tracking_batch_size", type=int, default=2, help="small: short steps make the overhead show")
     parser.add_argument("--save_steps", type=int, default=25, help="checkpoint interval of measure 2 (fine_tune: 50)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--generation_rows", type=int, default=16)
     parser.add_argument("--generation_batch_size", type=int, default=16)
+    parser.add_argument("--generation_dtype", choices=("float32", "bfloat16"), default=None,
+                        help="evaluate's --dtype for measure 5 (default: bfloat16 with --bf16, else float32)")
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--measures", default="tokens,tracking,generation",
                         help="comma list of tokens (1 and 4), tracking (2 and 3), generation (5), profile")

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, exit_code
 
 FINE_TUNE_FILE = str(Path(__file__).with_name("fine_tune.py"))
 # Tracking target, credentials and hub/cache settings the training processes need. Spark tasks
@@ -106,13 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", help="Spark master URL, as for spark-submit (default: local[*])")
     args = parser.parse_args(ours)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors run this interpreter, with its packages
-    try:
-        run_on_spark(job, num_processes=args.num_processes, nnodes=args.nnodes, local_mode=args.local_mode,
-                     use_gpu=args.use_gpu, deepspeed_config=args.deepspeed_config, master=args.master)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_code(lambda: run_on_spark(job, num_processes=args.num_processes, nnodes=args.nnodes,
+                                          local_mode=args.local_mode, use_gpu=args.use_gpu,
+                                          deepspeed_config=args.deepspeed_config, master=args.master))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from databricks_llm.data import EMBEDDED_DATASET
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, exit_code
 from databricks_llm.models import EMBEDDED_MODEL
 
 
@@ -99,12 +99,7 @@ def print_table(rows: list[dict], best: str | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input."""
-    try:
-        _run(argv)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_code(lambda: _run(argv))
 
 
 def _parse(argv: list[str] | None) -> EvaluateArguments:

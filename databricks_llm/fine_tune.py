@@ -22,7 +22,7 @@ if not __package__:  # run as a file: import this package, not its modules as to
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from databricks_llm.data import EMBEDDED_DATASET  # noqa: E402
-from databricks_llm.errors import InputError  # noqa: E402
+from databricks_llm.errors import InputError, exit_code  # noqa: E402
 from databricks_llm.models import EMBEDDED_MODEL  # noqa: E402
 
 
@@ -308,13 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the MLflow run is marked FAILED
-    try:
+
+    def run() -> None:
         script, training = parse_args(argv)
         train(script, setup_process(script, training))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,16 @@ def test_target_logits_only_gives_the_same_loss_and_gradients(tiny_model, tiny_t
     (plain_loss, plain_grads), (kept_loss, kept_grads) = results
     assert kept_loss == pytest.approx(plain_loss, rel=1e-5)
     torch.testing.assert_close(kept_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_collator_asks_for_target_logits_only_when_the_model_can_skip_the_rest(tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            raise AssertionError("not called")
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert "logits_to_keep" in data.collator(llama, tiny_tokenizer)(rows)
+    assert "logits_to_keep" not in data.collator(NoLogitsToKeep(), tiny_tokenizer)(rows)
