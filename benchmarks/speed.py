@@ -7,8 +7,8 @@
 Each measure prints one line `name: ours X, baseline Y, ratio R` (medians over the repeats, with
 min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md records results.
 
-1. useful_tokens_per_s   target tokens trained per second: length-grouped dynamic padding, loss and
-                         logits only at target positions (ours) vs padding every row to 256 tokens
+1. useful_tokens_per_s   target tokens trained per second: dynamic padding, loss and logits only at
+                         target positions (ours) vs padding every row to 256 tokens
                          with a full-sequence loss (the seed).
 2. step_time_tracking    seconds per step with our MLflow callback, system metrics and a checkpoint
                          logged as a model every --save_steps, vs report_to=none (both save to disk).
@@ -56,13 +56,10 @@ def seed_style(row: dict, pad: int) -> dict:
 
 
 def trainer(model, rows, collator, args, out: str, **overrides):
-    """A Trainer with fine_tune's sampler (length-grouped; all seed-style rows are 256 long anyway)."""
+    """A Trainer with fine_tune's settings where they matter for speed (the default random sampler)."""
     from transformers import Trainer, TrainingArguments
 
-    from databricks_llm.fine_tune import TRAINING_DEFAULTS
-
     settings = dict(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=2e-4,
-                    train_sampling_strategy=TRAINING_DEFAULTS["train_sampling_strategy"],
                     report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, bf16=args.bf16,
                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0)
     settings.update(overrides)

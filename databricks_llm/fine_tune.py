@@ -55,7 +55,6 @@ TRAINING_DEFAULTS = dict(
     per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
     eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
     report_to="tensorboard", remove_unused_columns=False, ddp_find_unused_parameters=False,
-    train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding to compute
 )
 _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
 
