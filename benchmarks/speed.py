@@ -56,7 +56,6 @@ def seed_style(row: dict, pad: int) -> dict:
 
 
 def trainer(model, rows, collator, args, out: str, **overrides):
-    """A Trainer with fine_tune's settings where they matter for speed (the default random sampler)."""
     from transformers import Trainer, TrainingArguments
 
     settings = dict(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=2e-4,

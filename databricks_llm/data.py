@@ -202,7 +202,7 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
-              target_logits_only: bool = False) -> dict[str, torch.Tensor | int]:
+              target_logits_only: bool = False) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest row (dynamic padding; labels padded with -100).
 
     With `target_logits_only`, rows are left-padded so that every target ends the batch, and the
@@ -211,14 +211,16 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
     prompt, whose labels are -100: same loss, less work. Position ids keep each row counting from 0.
     """
     width = max(len(f["input_ids"]) for f in features)
+
+    def join(row: list[int], padding: list[int]) -> list[int]:
+        return padding + row if target_logits_only else row + padding
+
     ids, mask, labels = [], [], []
     for f in features:
         gap = width - len(f["input_ids"])
-        pad, fill = ([pad_token_id] * gap, [-100] * gap)
-        if target_logits_only:
-            ids.append(pad + f["input_ids"]), mask.append([0] * gap + [1] * len(f["input_ids"])), labels.append(fill + f["labels"])
-        else:
-            ids.append(f["input_ids"] + pad), mask.append([1] * len(f["input_ids"]) + [0] * gap), labels.append(f["labels"] + fill)
+        ids.append(join(f["input_ids"], [pad_token_id] * gap))
+        mask.append(join([1] * len(f["input_ids"]), [0] * gap))
+        labels.append(join(f["labels"], [-100] * gap))
     batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
     if target_logits_only:
         keep = min(width, 1 + max(len(f["labels"]) - _first_target(f["labels"]) for f in features))  # +1: the logit before

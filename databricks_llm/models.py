@@ -8,8 +8,8 @@ import hashlib
 import importlib.util
 import os
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
