@@ -36,12 +36,14 @@ class CustomMLflowCallback(MLflowCallback):
         if state.global_step > self._skip_until_step:
             stock = super()
             tracking.survive("metric logging", lambda: stock.on_log(args, state, control, logs, model=model))
+            _flush_before_checkpoint(control)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
         """Slot scores join the eval metrics after the Trainer logged them; log them at this step."""
         slot = {k: v for k, v in (metrics or {}).items() if k.startswith(SLOT_METRIC_PREFIXES)}
         if state.is_world_process_zero and slot and state.global_step > self._skip_until_step:
             tracking.survive("slot metric logging", lambda: mlflow.log_metrics(slot, step=state.global_step))
+            _flush_before_checkpoint(control)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not (state.is_world_process_zero and self._log_models):
@@ -50,6 +52,13 @@ class CustomMLflowCallback(MLflowCallback):
         name = f"checkpoint-{state.global_step}"
         tracking.survive(f"logging {name} as a model",
                          lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
+
+
+def _flush_before_checkpoint(control: Any) -> None:
+    """Metrics buffered for async logging reach the store before a checkpoint is written: a job
+    killed after that checkpoint resumes from it and does not log those steps again."""
+    if control.should_save:
+        tracking.survive("flushing metrics", mlflow.flush_async_logging)
 
 
 class SlotEvalCallback(TrainerCallback):
