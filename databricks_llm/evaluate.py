@@ -146,7 +146,8 @@ def _run(argv: list[str] | None) -> None:
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
 
-    with mlflow.start_run(run_name=f"evaluate-{args.split}", tags={"task": tracking.TASK, "kind": "evaluation"}):
+    scored = f"compare-{args.compare_run[:8]}" if args.compare_run else tracking.model_label(args.model_uri)
+    with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags={"task": tracking.TASK, "kind": "evaluation"}):
         mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(sentences), "dtype": args.dtype,
                            "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}"})
         for row in rows:

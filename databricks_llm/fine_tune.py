@@ -212,7 +212,7 @@ def train(script: ScriptArguments, training) -> None:
     run, skip_until, monitor = None, -1, None
     node, nodes = runtime.node()
     if tracked:
-        run, skip_until = tracking.start_run(training.output_dir, training.run_name,
+        run, skip_until = tracking.start_run(training.output_dir, training.run_name or tracking.default_run_name(script.model),
                                              resume=bool(training.resume_from_checkpoint),
                                              node_id=f"node-{node}" if nodes > 1 else None)
         print(f"[mlflow] run {run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)

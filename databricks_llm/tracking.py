@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +26,9 @@ from mlflow.types import ColSpec, Schema
 from databricks_llm.errors import InputError
 
 DEFAULT_EXPERIMENT = "databricks_llm"
+# MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed
+# as GenAI "Agent versions".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id"
 TASK = "e2e-mr-extraction"
 SECRET_NAME = re.compile(r"token|secret|password|passwd|api_key|apikey|credential", re.IGNORECASE)
@@ -51,10 +55,12 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def tracking_uri(output_dir: str) -> str:
-    """MLFLOW_TRACKING_URI, else Databricks when host+token are set, else <output_dir>/mlflow.db."""
+    """MLFLOW_TRACKING_URI, else Databricks when host+token are set or on a Databricks cluster,
+    else <output_dir>/mlflow.db."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if os.environ.get("DATABRICKS_HOST") and os.environ.get("DATABRICKS_TOKEN"):
+    if os.environ.get("DATABRICKS_HOST") and os.environ.get("DATABRICKS_TOKEN") or \
+            os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         return "databricks"
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
 
@@ -80,6 +86,9 @@ def connect(output_dir: str) -> str:
             experiment_id = mlflow.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
+        if experiment is None or not set(EXPERIMENT_KIND) & set(experiment.tags):
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     except Exception as err:  # the client raises MlflowException, requests or OS errors alike
         raise InputError(f"MLflow tracking at {_redact_uri(uri)} is not usable: {str(err).splitlines()[0][:300]}") from None
     finally:
@@ -92,6 +101,19 @@ def connect(output_dir: str) -> str:
 
 def _redact_uri(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def model_label(source: str) -> str:
+    """A short readable name for a model source: `checkpoint-40@1a2b3c4d`, `m-...`, a folder's name."""
+    if source.startswith("runs:/"):
+        run_id, _, artifact = source[len("runs:/"):].partition("/")
+        return f"{artifact or 'run'}@{run_id[:8]}"
+    return source.rstrip("/").split("/")[-1].split(":")[-1] or source
+
+
+def default_run_name(model: str) -> str:
+    """`<model>-<date-time>`: runs that can be told apart in the MLflow UI's run list."""
+    return f"{model_label(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def start_run(output_dir: str, run_name: str | None, resume: bool, node_id: str | None = None) -> tuple[Any, int]:
