@@ -35,6 +35,13 @@ def test_training_logs_slot_scores_at_each_evaluation(job):
     assert "[eval] step 2: slot F1" in result.stdout
 
 
+def test_training_run_has_a_readable_name_in_a_model_training_experiment(job, tiny_model):
+    _, run, _ = job
+    assert run.info.run_name.startswith(f"{tiny_model.name}-20")  # <model>-<date-time>
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_checkpoint_model_carries_its_eval_metrics(job):
     _, run, _ = job
     (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
@@ -52,6 +59,7 @@ def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tm
     (evaluation,) = mlflow.search_runs([run.info.experiment_id], filter_string="tags.kind = 'evaluation'",
                                        output_format="list")
     assert "slot_f1" in evaluation.data.metrics
+    assert evaluation.info.run_name == f"evaluate-checkpoint-4@{run.info.run_id[:8]}-test"  # named by what it scored
     table = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/predictions.json")
     assert table["columns"] == ["sentence", "reference", "prediction", "correct"] and len(table["data"]) == 4
 
@@ -63,6 +71,8 @@ def test_compare_mode_scores_base_and_checkpoints_and_registers_the_best(job, tm
     report = json.loads((tmp_path / "compare.json").read_text())
     assert [m["name"] for m in report["models"]] == ["base", "checkpoint-2", "checkpoint-4"]
     assert "<- best" in result.stdout
+    assert mlflow.search_runs([run.info.experiment_id], filter_string=f"run_name = 'evaluate-compare-{run.info.run_id[:8]}-test'",
+                              output_format="list")
     version = mlflow.MlflowClient().get_model_version_by_alias("e2e-spec", "champion")
     assert version.source.startswith("models:/m-")
 
