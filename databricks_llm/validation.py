@@ -123,7 +123,7 @@ def boolean(text: str) -> bool:
 
 
 def writable_dir(text: str) -> Path:
-    check_writable(Path(text), f"the folder {text}")
+    check_writable(text, "the folder")
     return Path(text)
 
 
@@ -141,21 +141,30 @@ def check_env(parsers: Mapping[str, Callable[[str], Any]]) -> None:
             raise InputError(f"{name}={value[:80]!r} is not valid: {str(err).splitlines()[0][:200]}") from None
 
 
-def check_writable(path: Path, what: str) -> None:
-    """`path` can be created as a folder here: nearest existing parent is a writable folder and no
-    new name is longer than the file system allows. Nothing is left behind."""
-    if not str(path).strip():
+def _exists(path: Path) -> bool:
+    try:  # Path.exists raises on a name that is too long
+        path.stat()
+    except OSError:
+        return False
+    return True
+
+
+def check_writable(value: str, what: str) -> None:
+    """`value` names a folder that can be created here: not empty, nearest existing parent a
+    writable folder, no new name longer than the file system allows. Nothing is left behind."""
+    if not value.strip():
         raise InputError(f"{what} is empty")
-    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    path = Path(value)
+    existing = next((p for p in [path, *path.parents] if _exists(p)), Path("."))
     if existing == path and not path.is_dir():
         raise InputError(f"{what} {path} is a file, not a folder")
     if not existing.is_dir():
         raise InputError(f"{what} {path}: {existing} is a file, not a folder")
     limit = os.pathconf(existing, "PC_NAME_MAX")
-    new_parts = path.parts[len(existing.parts):] if path.is_absolute() == existing.is_absolute() else path.parts
-    for part in new_parts:
+    for part in path.parts[len(existing.parts):]:
         if len(os.fsencode(part)) > limit:
-            raise InputError(f"{what} {str(path)[:100]}...: the name {part[:40]}... is longer than the {limit} bytes the file system allows")
+            raise InputError(f"{what} {str(path)[:80]}...: the name {part[:20]}... is longer than the {limit} bytes "
+                             "the file system allows")
     try:  # a real write: os.access says yes to root even on a read-only file system
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
