@@ -102,6 +102,10 @@ def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Datase
             f"human_reference); found {', '.join(ds.column_names) or 'none'}"
         )
     ds = ds.select_columns(["mr", "ref"])
+    try:  # numbers (an int-typed parquet column) become text; nested values cannot
+        ds = ds.cast(datasets.Features({"mr": datasets.Value("string"), "ref": datasets.Value("string")}))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"dataset {source} split '{split}': mr/ref must be text ({str(err).splitlines()[0][:200]})") from None
     kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["ref"] or "").strip()))
     if len(kept) < len(ds):
         print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or ref", flush=True)
@@ -111,10 +115,14 @@ def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Datase
 
 
 def check_source(dataset: str) -> None:
-    """Cheap check before anything is loaded: a path-like `--dataset` must exist."""
-    looks_like_path = dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in _READERS
-    if dataset != EMBEDDED_DATASET and looks_like_path and not Path(dataset).exists():
+    """Cheap check before anything is loaded: a path-like `--dataset` must exist and be a regular
+    file or folder (not /dev/zero, a FIFO or a socket, which would be read forever)."""
+    path = Path(dataset)
+    looks_like_path = dataset.startswith((".", "/", "~")) or path.suffix.lower() in _READERS
+    if dataset != EMBEDDED_DATASET and looks_like_path and not path.exists():
         raise InputError(f"dataset path {dataset} does not exist")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise InputError(f"--dataset {dataset} is not a regular file or folder")
 
 
 def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) -> datasets.DatasetDict:
@@ -136,7 +144,10 @@ def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) ->
     if "train" not in splits:
         raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
     if "validation" not in splits:
-        held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        try:
+            held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        except ValueError as err:  # e.g. a fraction of a few rows that rounds to none
+            raise InputError(f"--validation_fraction={validation_fraction}: {str(err).splitlines()[0][:200]}") from None
         splits["train"], splits["validation"] = held["train"], held["test"]
     splits.setdefault("test", splits["validation"])
     return datasets.DatasetDict(splits)

@@ -18,12 +18,13 @@ appends `--deepspeed --deepspeed_config PATH`, which `fine_tune` accepts as is.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from databricks_llm.errors import InputError, exit_code
+from databricks_llm.validation import POSITIVE, argument_parser, check_ranges
 
 FINE_TUNE_FILE = str(Path(__file__).with_name("fine_tune.py"))
 # Tracking target, credentials and hub/cache settings the training processes need. Spark tasks
@@ -93,22 +94,32 @@ def run_on_spark(args: list[str], *, num_processes: int, nnodes: int = 1, local_
     distributor._run(FINE_TUNE_FILE, launch_with_env, *args)
 
 
+RANGES = {"num_processes": POSITIVE, "nnodes": POSITIVE}
+
+
+@dataclass
+class LaunchArguments:
+    num_processes: int = field(default=2, metadata={"help": "Training processes in all."})
+    nnodes: int = field(default=1, metadata={"help": "Nodes they are spread over."})
+    local_mode: bool = field(default=True, metadata={"help": "Run the processes on the driver (false: in executors)."})
+    use_gpu: bool = field(default=False, metadata={"help": "One GPU per process."})
+    deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config: use the DeepSpeed distributor."})
+    master: str | None = field(default=None, metadata={"help": "Spark master URL, as for spark-submit (default: local[*])."})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Shell entry point: `run_on_spark` with the flags after `--`."""
     argv = sys.argv[1:] if argv is None else argv
     ours, job = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--local_mode", type=lambda v: v.lower() == "true", default=True)
-    parser.add_argument("--use_gpu", type=lambda v: v.lower() == "true", default=False)
-    parser.add_argument("--deepspeed_config")
-    parser.add_argument("--master", help="Spark master URL, as for spark-submit (default: local[*])")
-    args = parser.parse_args(ours)
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors run this interpreter, with its packages
-    return exit_code(lambda: run_on_spark(job, num_processes=args.num_processes, nnodes=args.nnodes,
-                                          local_mode=args.local_mode, use_gpu=args.use_gpu,
-                                          deepspeed_config=args.deepspeed_config, master=args.master))
+
+    def run() -> None:
+        (args,) = argument_parser(LaunchArguments, description=__doc__.split("\n")[0]).parse_args_into_dataclasses(args=ours)
+        check_ranges(args, RANGES)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors run this interpreter, with its packages
+        run_on_spark(job, num_processes=args.num_processes, nnodes=args.nnodes, local_mode=args.local_mode,
+                     use_gpu=args.use_gpu, deepspeed_config=args.deepspeed_config, master=args.master)
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

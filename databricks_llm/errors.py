@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
+
+from databricks_llm.redaction import redact_text
 
 
 class InputError(ValueError):
@@ -11,10 +14,17 @@ class InputError(ValueError):
 
 
 def exit_code(command: Callable[[], object]) -> int:
-    """Run a CLI's work: 0 when it succeeds, 2 after one `error: ...` line when the input is bad."""
+    """Run a CLI's work: 0 when it succeeds, 2 after one `error: ...` line when the input is bad,
+    130 on Ctrl-C, 1 with a traceback on anything else; all text goes through `redact_text`."""
     try:
         command()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("[stopped] interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception:  # a bug or a fault: the traceback helps, but it may quote a URI or a token
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        return 1
     return 0

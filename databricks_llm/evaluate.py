@@ -21,6 +21,9 @@ from typing import Any
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.errors import InputError, exit_code
 from databricks_llm.models import EMBEDDED_MODEL
+from databricks_llm.validation import NON_NEGATIVE, POSITIVE
+
+RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
 
 
 @dataclass
@@ -103,23 +106,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str] | None) -> EvaluateArguments:
-    from transformers import HfArgumentParser
+    from databricks_llm import data, models, validation
+    from databricks_llm.generation import check_settings
 
-    parser = HfArgumentParser(EvaluateArguments, description=__doc__.split("\n")[0])
-
-    def fail(message: str) -> None:
-        raise InputError(message)
-
-    parser.error = fail
+    parser = validation.argument_parser(EvaluateArguments, description=__doc__.split("\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.split not in ("train", "validation", "test"):
         raise InputError(f"--split must be train, validation or test (got {args.split})")
-    if args.batch_size <= 0 or args.max_tokens <= 0 or args.max_samples < 0:
-        raise InputError("--batch_size and --max_tokens must be positive, --max_samples >= 0")
+    validation.check_ranges(args, RANGES)
+    check_settings(0.0, args.max_tokens, prefix="--")
     if args.dtype not in ("float32", "bfloat16"):
         raise InputError(f"--dtype must be float32 or bfloat16 (got {args.dtype})")
     if args.register_best and not args.compare_run:
         raise InputError("--register_best needs --compare_run")
+    if not args.compare_run and not args.model_uri.startswith(("runs:/", "models:/")):
+        models.check_source(args.model_uri)  # before the tracking store is created in --job_dir
+    data.check_source(args.dataset)
+    validation.check_writable(args.job_dir, "--job_dir")
     return args
 
 
@@ -131,6 +134,7 @@ def _run(argv: list[str] | None) -> None:
     from databricks_llm.evaluation import metric_dict, same_mr
 
     args = _parse(argv)
+    tracking.check_env()
     datasets.disable_progress_bars()
     tracking.connect(args.job_dir)
     split = data.load_e2e(args.dataset)[args.split]

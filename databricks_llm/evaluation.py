@@ -13,21 +13,39 @@ from collections import Counter
 
 E2E_SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
 _CANONICAL = {s.lower(): s for s in E2E_SLOTS}
-_PAIR = re.compile(r"(customer\s+rating|[A-Za-z_]+)\s*\[([^\[\]]*)\]", re.IGNORECASE)
+_KEY = re.compile(r"(customer\s+rating|[A-Za-z_]+)\s*\[", re.IGNORECASE)
 
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def _closing(text: str, start: int) -> int:
+    """Index of the `]` that closes the `[` just before `start` (brackets inside nest), or -1."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"[": 1, "]": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
+
+
 def parse_mr(text: object) -> list[tuple[str, str]]:
-    """All ``key[value]`` pairs in `text`, in order; junk around them is ignored, never raises."""
+    """All ``key[value]`` pairs in `text`, in order; a value may hold balanced brackets
+    (``name[The [Best] Pub]``). Junk around pairs and a key whose bracket never closes are
+    skipped; never raises."""
     if not isinstance(text, str):
         return []
     pairs = []
-    for key, value in _PAIR.findall(text):
-        key = _norm(key)
-        pairs.append((_CANONICAL.get(key.lower(), key), _norm(value)))
+    position = 0
+    while match := _KEY.search(text, position):
+        end = _closing(text, match.end())
+        if end < 0:
+            position = match.end()
+            continue
+        key = _norm(match.group(1))
+        pairs.append((_CANONICAL.get(key.lower(), key), _norm(text[match.end():end])))
+        position = end + 1
     return pairs
 
 

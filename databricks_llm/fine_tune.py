@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if not __package__:  # run as a file: import this package, not its modules as to
 from databricks_llm.data import EMBEDDED_DATASET  # noqa: E402
 from databricks_llm.errors import InputError, exit_code  # noqa: E402
 from databricks_llm.models import EMBEDDED_MODEL  # noqa: E402
+from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range  # noqa: E402
 
 
 @dataclass
@@ -56,7 +56,22 @@ TRAINING_DEFAULTS = dict(
     eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
     report_to="tensorboard", remove_unused_columns=False, ddp_find_unused_parameters=False,
 )
+EXIT_SECONDS = 120  # after the job ends, a stuck background thread may hold the process this long at most
 _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
+# Valid values of the numeric flags (TrainingArguments' own checks let nan, inf and negatives
+# through to the first optimizer step); every other number must at least be finite.
+RANGES = {
+    "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": PROBABILITY, "max_seq_length": POSITIVE,
+    "max_train_samples": POSITIVE, "max_eval_samples": NON_NEGATIVE, "eval_generation_samples": NON_NEGATIVE,
+    "early_stopping_patience": NON_NEGATIVE, "validation_fraction": FRACTION,
+    "learning_rate": POSITIVE, "num_train_epochs": NON_NEGATIVE, "max_steps": Range(-1),
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY, "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "label_smoothing_factor": PROBABILITY,
+    "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": POSITIVE,
+    "seed": NON_NEGATIVE, "data_seed": NON_NEGATIVE, "dataloader_num_workers": NON_NEGATIVE,
+}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -76,35 +91,32 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def _validate(script: ScriptArguments, training) -> None:
-    """Everything that can be checked before a model or dataset is touched."""
-    from databricks_llm import data, models, runtime
+    """Everything that can be checked before a model or dataset is loaded and before anything is written."""
+    from databricks_llm import data, models, runtime, tracking, validation
 
+    validation.check_ranges(script, RANGES)
+    validation.check_ranges(training, RANGES)
     if script.use_4bit:
         if not script.use_lora:
             raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
         runtime.check_4bit()
     if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
         raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(training, name) <= 0:
-            raise InputError(f"--{name} must be positive (got {getattr(training, name)})")
-    if script.max_seq_length <= 0:
-        raise InputError(f"--max_seq_length must be positive (got {script.max_seq_length})")
+    tracking.check_env()
+    tracking.check_report_to(training.report_to)
     if script.deepspeed_config:
-        path = Path(script.deepspeed_config)
-        if not path.is_file():
-            raise InputError(f"--deepspeed_config {path} does not exist")
-        try:
-            json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
-    for out in (training.output_dir, script.final_model_output_path):
-        _check_writable(Path(out))
+        runtime.check_deepspeed_config(script.deepspeed_config, training)
+    validation.check_writable(training.output_dir, "--output_dir")
+    validation.check_writable(script.final_model_output_path, "--final_model_output_path")
+    models.check_source(script.model)
+    models.check_source(script.tokenizer, "tokenizer")
+    data.check_source(script.dataset)
     if training.resume_from_checkpoint:
         training.resume_from_checkpoint = _resolve_checkpoint(training.resume_from_checkpoint, training.output_dir)
-    models.check_source(script.model)
-    models.check_source(script.tokenizer)
-    data.check_source(script.dataset)
+    lora = dict(r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
+                target_modules=script.lora_target_modules) if script.use_lora else None
+    models.check_model(script.model, lora=lora, checkpoint=training.resume_from_checkpoint,
+                       trust_remote_code=script.trust_remote_code)
 
 
 def _resolve_checkpoint(value: str, output_dir: str) -> str:
@@ -121,32 +133,15 @@ def _resolve_checkpoint(value: str, output_dir: str) -> str:
     return value
 
 
-def _check_writable(path: Path) -> None:
-    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if existing == path and not path.is_dir():
-        raise InputError(f"output path {path} is a file, not a folder")
-    if not existing.is_dir():
-        raise InputError(f"output path {path}: {existing} is a file, not a folder")
-    try:  # a real write: os.access says yes to root even on a read-only file system
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise InputError(f"output path {path} is not writable (creating a file in {existing} failed: {err.strerror})") from None
-
-
 def parse_args(argv: list[str] | None = None):
     """Parse and validate flags; raises InputError with a one-line reason."""
     import torch
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import TrainingArguments
 
-    from databricks_llm import runtime
+    from databricks_llm import runtime, validation
 
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__.split("\n")[0])
+    parser = validation.argument_parser((ScriptArguments, TrainingArguments), description=__doc__.split("\n")[0])
     parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
-
-    def fail(message: str) -> None:
-        raise InputError(message)
-
-    parser.error = fail
     namespace, unknown = parser.parse_known_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
     if unknown:
         raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
@@ -180,17 +175,19 @@ def setup_process(script: ScriptArguments, training):
 
 
 def train(script: ScriptArguments, training) -> None:
-    """The whole job: data, model, Trainer, final model; rank 0 also tracks it in MLflow."""
+    """The whole job: data, model, Trainer, final model; rank 0 also tracks it in MLflow.
+
+    Rank 0 holds the output folder's lock from the first write (the local store) to the end.
+    """
+    import contextlib
+
     import datasets
-    import mlflow
-    import torch
-    from transformers import Trainer
 
-    from databricks_llm import data, models, runtime, tracking
+    from databricks_llm import data, models, outputlock, runtime
 
-    tracked = runtime.global_rank() == 0
     datasets.disable_progress_bars()
     tokenizer = models.load_tokenizer(script.tokenizer, script.trust_remote_code)
+    models.check_vocabulary(tokenizer, script.model, script.trust_remote_code)
     with training.main_process_first(desc="load and tokenize data"):
         splits = data.load_e2e(script.dataset, seed=training.seed, validation_fraction=script.validation_fraction)
         if script.max_train_samples:
@@ -199,9 +196,23 @@ def train(script: ScriptArguments, training) -> None:
             splits["validation"] = splits["validation"].select(range(min(script.max_eval_samples, len(splits["validation"]))))
         tokenized = data.tokenize_splits(splits, tokenizer, script.max_seq_length)
     print(f"[data] {script.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in splits.items()), flush=True)
+    tracked = runtime.global_rank() == 0
+    with outputlock.hold(training.output_dir) if tracked else contextlib.nullcontext():
+        _fit(script, training, tokenizer, splits, tokenized, tracked)
+
+
+def _fit(script: ScriptArguments, training, tokenizer, splits, tokenized, tracked: bool) -> None:
+    """Model, Trainer, final model. A run this started always ends: FINISHED, KILLED (Ctrl-C,
+    SIGTERM) or FAILED (any error, a full disk included)."""
+    import mlflow
+    import torch
+    from transformers import Trainer
+
+    from databricks_llm import data, models, runtime, tracking
+    from databricks_llm.redaction import redact_text
+
     if tracked:  # after the data checks, so bad data leaves no store behind; before the slow model load
         tracking.connect(training.output_dir)
-
     half = {True: torch.bfloat16}.get(training.bf16) or {True: torch.float16}.get(training.fp16)
     model = models.load_model(script.model, use_4bit=script.use_4bit, half=half if script.use_lora else None,
                               trust_remote_code=script.trust_remote_code)
@@ -209,19 +220,19 @@ def train(script: ScriptArguments, training) -> None:
         model = models.add_lora(model, r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
                                 target_modules=script.lora_target_modules,
                                 gradient_checkpointing=training.gradient_checkpointing, use_4bit=script.use_4bit)
-    run, skip_until, monitor = None, -1, None
+    run, skip_until, monitor, error = None, -1, None, None
     node, nodes = runtime.node()
     if tracked:
         run, skip_until = tracking.start_run(training.output_dir, training.run_name or tracking.default_run_name(script.model),
                                              resume=bool(training.resume_from_checkpoint),
                                              node_id=f"node-{node}" if nodes > 1 else None)
-        print(f"[mlflow] run {run.info.run_id} at {mlflow.get_tracking_uri()}", flush=True)
-    if nodes > 1:  # every node's first process reports its own system metrics into the one run
-        run_id = runtime.broadcast(run.info.run_id if run else None, training.device)
-        if not tracked and int(os.environ.get("LOCAL_RANK", "0")) == 0 and \
-                tracking.env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True):
-            monitor = tracking.node_system_metrics(run_id, training.output_dir, node)
+        print(f"[mlflow] run {run.info.run_id} at {redact_text(mlflow.get_tracking_uri())}", flush=True)
     try:
+        if nodes > 1:  # every node's first process reports its own system metrics into the one run
+            run_id = runtime.broadcast(run.info.run_id if run else None, training.device)
+            if not tracked and int(os.environ.get("LOCAL_RANK", "0")) == 0 and \
+                    tracking.env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True):
+                monitor = tracking.node_system_metrics(run_id, training.output_dir, node)
         if run is not None and skip_until < 0:
             _log_job(script, training, model, splits)
         trainer = Trainer(
@@ -238,15 +249,14 @@ def train(script: ScriptArguments, training) -> None:
         trainer.save_model(script.final_model_output_path)
         if trainer.is_world_process_zero():
             _finish(script, tokenizer, tracked)
-    except BaseException:
-        if run is not None:
-            tracking.survive("marking the run FAILED", lambda: mlflow.end_run("FAILED"))
+    except BaseException as err:
+        error = err
         raise
     finally:
         if monitor is not None:
             monitor.finish()
-    if run is not None:
-        tracking.survive("ending the run", mlflow.end_run)
+        if run is not None:
+            tracking.end_run(tracking.status_after(error))
 
 
 def _callbacks(script: ScriptArguments, training, tokenizer, validation, skip_until: int) -> list:
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input, before heavy work starts."""
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the MLflow run is marked FAILED
+    signal.signal(signal.SIGTERM, _terminated)
 
     def run() -> None:
         script, training = parse_args(argv)
@@ -315,5 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(run)
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that the MLflow run is marked KILLED and the lock released."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from databricks_llm.runtime import exit_within
+
+    code = 143  # what the SIGTERM handler exits with, should it fire
+    try:
+        code = main()
+    finally:
+        exit_within(EXIT_SECONDS, code)
+    sys.exit(code)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from databricks_llm.errors import InputError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model")
 
 
 def cache_dir() -> Path:
@@ -46,9 +49,7 @@ def convert_gguf(path: Path) -> Path:
     `save_pretrained` refuses GGUF-loaded models, so the weights are copied into a model built
     from the same config. A file lock keeps concurrent ranks from converting twice.
     """
-    stat = path.stat()
-    key = hashlib.sha1(f"v2:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = cache_dir() / f"{path.stem}-{key}"
+    target = _converted(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
@@ -69,17 +70,31 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
+def _converted(gguf: Path) -> Path:
+    """Where `convert_gguf` puts (or has put) the HF folder of this exact file."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"v2:{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    return cache_dir() / f"{gguf.stem}-{key}"
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
 
 
-def check_source(model: str) -> None:
-    """Cheap checks of a `--model`/`--tokenizer` value, before anything is loaded."""
+def check_source(model: str, role: str = "model") -> None:
+    """Cheap checks of a `--model`/`--tokenizer` value (`role`), before anything is loaded or written:
+    a path exists and is the right kind of file; a model folder has a known config and whole weights."""
     path = Path(model).expanduser()
     if model == EMBEDDED_MODEL:
         embedded_gguf()
     elif path.exists():
-        if path.is_dir() and not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
+        if not (path.is_dir() or path.is_file()):
+            raise InputError(f"--{role} {model} is not a regular file or folder")
+        if model.endswith(".gguf"):
+            _check_gguf(path, role)
+        elif path.is_dir() and role == "model":
+            _check_model_folder(path)
+        elif path.is_dir() and not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
             raise InputError(f"model folder {model} has no config.json (not a Hugging Face model folder)")
     elif _looks_like_path(model):
         raise InputError(f"model path {model} does not exist")
@@ -87,9 +102,131 @@ def check_source(model: str) -> None:
         raise InputError(f"'{model}' is not a local path and the hub is offline (HF_HUB_OFFLINE=1); pass a local folder or .gguf file")
 
 
-def resolve(model: str) -> str:
-    """Turn `--model`/`--tokenizer` into what `from_pretrained` takes: a folder or a hub id."""
-    check_source(model)
+def _check_gguf(path: Path, role: str) -> None:
+    if not path.is_file():
+        raise InputError(f"--{role} {path} is not a file")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InputError(f"--{role} {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _check_model_folder(path: Path) -> None:
+    """config.json parses and names an architecture transformers knows; the weights are there and whole."""
+    from transformers import CONFIG_MAPPING
+
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        return  # a LoRA adapter folder: its base model is checked when PEFT loads it
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"model folder {path} has no config.json (not a Hugging Face model folder)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"model folder {path}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"model folder {path}: config.json is not a JSON object")
+    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" not in config:
+        raise InputError(f"model folder {path}: unknown model_type {config.get('model_type')!r} in config.json "
+                         f"(this transformers knows {len(CONFIG_MAPPING)} types, e.g. llama, mistral, qwen2)")
+    weights = [p for p in path.iterdir() if p.name.startswith(WEIGHT_FILE_PREFIXES) and p.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise InputError(f"model folder {path} has no weights (no model*.safetensors or pytorch_model*.bin)")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            safetensors_header(file)
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """Tensor names -> dtype/shape/offsets of a .safetensors file, read from its header alone;
+    a file shorter than its header says (cut by a full disk or an aborted copy) is refused."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise InputError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise InputError(f"{file} is truncated: its header describes {8 + length + end} bytes, the file has {size}")
+    return tensors
+
+
+def read_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The model's config from config.json or GGUF metadata; no weights are read, nothing is written."""
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    gguf = embedded_gguf() if model == EMBEDDED_MODEL else path if model.endswith(".gguf") else None
+    try:
+        if gguf is not None and not (_converted(gguf) / "config.json").exists():
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        source = str(_converted(gguf)) if gguf is not None else model
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"--model {model}: cannot read its config: {str(err).splitlines()[0][:300]}") from None
+
+
+def check_model(model: str, *, lora: dict[str, Any] | None, checkpoint: str | None,
+                trust_remote_code: bool = False) -> None:
+    """Build the model on the meta device from its config (no weights, seconds even for 70B) and
+    put the LoRA settings through PEFT's own checks and a resume checkpoint's tensors against it."""
+    from accelerate import init_empty_weights
+
+    config = read_config(model, trust_remote_code)
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT and transformers deprecation notes, not the user's concern
+            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise InputError(f"--model {model} is not a causal language model: {str(err).splitlines()[0][:200]}") from None
+    if lora is not None:
+        from peft import get_peft_model_state_dict
+
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = _peft_model(meta, lora)
+        expected = get_peft_model_state_dict(meta)
+    else:
+        expected = meta.state_dict()
+    if checkpoint:
+        _check_checkpoint(Path(checkpoint), {k: list(v.shape) for k, v in expected.items()}, lora is not None, model)
+
+
+def _check_checkpoint(checkpoint: Path, expected: dict[str, list[int]], use_lora: bool, model: str) -> None:
+    """Every tensor the checkpoint holds exists in the model with the same shape."""
+    name = "adapter_model.safetensors" if use_lora else "model.safetensors"
+    other = "model.safetensors" if use_lora else "adapter_model.safetensors"
+    files = [checkpoint / name] if (checkpoint / name).exists() else sorted(checkpoint.glob(name.replace(".", "-*.", 1)))
+    if not files:
+        if (checkpoint / other).exists():
+            raise InputError(f"--resume_from_checkpoint {checkpoint} holds {other}, not {name}: it was written with "
+                             f"--use_lora={'false' if use_lora else 'true'}")
+        return  # a DeepSpeed-only checkpoint: its shards are checked by DeepSpeed when it loads them
+    for file in files:
+        for key, tensor in safetensors_header(file).items():
+            if key not in expected:
+                raise InputError(f"--resume_from_checkpoint {checkpoint} does not fit --model {model} and the LoRA flags: "
+                                 f"the model has no tensor {key}")
+            if list(tensor["shape"]) != expected[key]:
+                raise InputError(f"--resume_from_checkpoint {checkpoint} does not fit --model {model} and the LoRA flags: "
+                                 f"{key} is {tensor['shape']} there, {expected[key]} here")
+
+
+def check_vocabulary(tokenizer: Any, model: str, trust_remote_code: bool = False) -> None:
+    """A token id beyond the embedding table would fail deep in training with an IndexError."""
+    config = read_config(model, trust_remote_code)
+    size = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if size and len(tokenizer) > size:
+        raise InputError(f"--tokenizer has {len(tokenizer)} tokens but --model {model} embeds only {size}: "
+                         "use the model's own tokenizer")
+
+
+def resolve(model: str, role: str = "model") -> str:
+    """Turn `--model`/`--tokenizer` (`role`) into what `from_pretrained` takes: a folder or a hub id."""
+    check_source(model, role)
     if model == EMBEDDED_MODEL:
         return str(convert_gguf(embedded_gguf()))
     if model.endswith(".gguf"):
@@ -112,7 +249,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """Tokenizer with a pad token (EOS when it has none; labels never come from padding)."""
-    tokenizer = _from_pretrained(AutoTokenizer, resolve(name), trust_remote_code=trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, resolve(name, "tokenizer"), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -133,22 +270,28 @@ def load_model(name: str, *, use_4bit: bool = False, half: torch.dtype | None = 
 def add_lora(model: Any, *, r: int, alpha: int, dropout: float, target_modules: str,
              gradient_checkpointing: bool, use_4bit: bool) -> Any:
     """Wrap `model` with LoRA adapters (all linear layers but lm_head by default)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if use_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
-    targets: str | list[str] = target_modules if target_modules == "all-linear" else [
-        t.strip() for t in target_modules.split(",") if t.strip()
-    ]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, config)
-    except ValueError as err:
-        raise InputError(f"--lora_target_modules={target_modules}: {str(err).splitlines()[0]}") from None
+    model = _peft_model(model, dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules))
     model.print_trainable_parameters()
     return model
+
+
+def _peft_model(model: Any, lora: dict[str, Any]) -> Any:
+    """`model` with LoRA adapters; `lora` holds LoraConfig's r, lora_alpha, lora_dropout and
+    target_modules (a comma-separated string, or all-linear: every linear layer but lm_head)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = lora["target_modules"]
+    targets = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
+    try:
+        return get_peft_model(model, LoraConfig(**{**lora, "target_modules": targets}, task_type="CAUSAL_LM"))
+    except ValueError as err:
+        raise InputError(f"--lora_target_modules={names}: {str(err).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 
 from databricks_llm.errors import InputError
-from databricks_llm.generation import MAX_TOKENS_CAP, generate
+from databricks_llm.generation import check_settings, generate
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -40,11 +40,7 @@ def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[st
             raise InputError(f"row {i}: 'prompt' is required and must be a non-empty string")
         temperature = _value(row, defaults, "temperature", 0.0)
         max_tokens = _value(row, defaults, "max_tokens", DEFAULT_MAX_TOKENS)
-        if not temperature >= 0:
-            raise InputError(f"row {i}: temperature must be >= 0 (got {temperature})")
-        if not 0 < max_tokens <= MAX_TOKENS_CAP or max_tokens != int(max_tokens):
-            raise InputError(f"row {i}: max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
-        parsed.append((prompt, float(temperature), int(max_tokens)))
+        parsed.append((prompt, *check_settings(temperature, max_tokens, prefix=f"row {i}: ")))
     return parsed
 
 

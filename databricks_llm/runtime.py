@@ -6,8 +6,13 @@ where the differences are absorbed so that nothing special has to be passed on t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,3 +81,60 @@ def check_4bit() -> None:
         raise InputError("--use_4bit needs the bitsandbytes package (pip install bitsandbytes)")
     if not torch.cuda.is_available():
         raise InputError("--use_4bit needs a CUDA GPU for bitsandbytes 4-bit kernels (none found)")
+
+
+def check_deepspeed_config(path: str, training: Any) -> None:
+    """The DeepSpeed JSON is an object, its ZeRO section passes DeepSpeed's own config model, and
+    its batch, accumulation, precision and optimizer values agree with the flags (transformers'
+    own comparison, which otherwise fails only once the model is loaded)."""
+    from pydantic import ValidationError
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--deepspeed_config {path} does not exist")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--deepspeed_config {path} must hold a JSON object, not a {type(config).__name__}")
+    from deepspeed.runtime.zero.config import get_zero_config
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    try:
+        get_zero_config(config)
+    except (ValidationError, TypeError, ValueError) as err:
+        raise InputError(f"--deepspeed_config {path}: zero_optimization: {_first_problem(err)}") from None
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # creating the config below registers it globally
+    try:
+        synced = hf_deepspeed.HfTrainerDeepSpeedConfig(config)
+        synced.trainer_config_process(training)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"--deepspeed_config {path}: {_first_problem(err)}") from None
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    if synced.mismatches:
+        raise InputError(f"--deepspeed_config {path} contradicts the flags: {synced.mismatches[0].lstrip('- ')} "
+                         "(set it to \"auto\" or change the flag)")
+
+
+def _first_problem(err: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
+    return str(err).splitlines()[0][:300]
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """Make sure the process exits with `code` at most `seconds` from now, even if a non-daemon
+    thread (a stuck upload, a logging queue waiting on a dead server) would keep it alive."""
+    def force() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()

@@ -3,17 +3,17 @@
 Only global rank 0 calls into this module. Environment variables (all optional):
 MLFLOW_TRACKING_URI, DATABRICKS_HOST + DATABRICKS_TOKEN, MLFLOW_EXPERIMENT_NAME,
 MLFLOW_RUN_ID, MLFLOW_NESTED_RUN, MLFLOW_TAGS, MLFLOW_FLATTEN_PARAMS, HF_MLFLOW_LOG_ARTIFACTS,
-MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING; see the README for what each does.
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING; see the README for what each does. `ENVIRONMENT` says how
+each is parsed; `check_env` runs at start so that none can fail (or hang a thread) mid-job.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +23,9 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from databricks_llm import validation
 from databricks_llm.errors import InputError
+from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 
 DEFAULT_EXPERIMENT = "databricks_llm"
 # MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed
@@ -31,7 +33,6 @@ DEFAULT_EXPERIMENT = "databricks_llm"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id"
 TASK = "e2e-mr-extraction"
-SECRET_NAME = re.compile(r"token|secret|password|passwd|api_key|apikey|credential", re.IGNORECASE)
 INPUT_EXAMPLE = {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
                  "temperature": 0.4, "max_tokens": 128}
 # The seed's call passes an int max_tokens; MLflow then needs it in every row of a request or in none.
@@ -47,11 +48,47 @@ ASYNC_LOGGING_DEFAULTS = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "5"}
 _MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".model", ".jinja", ".txt"}
 _NOT_MODEL_FILES = {"trainer_state.json"}
 _PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas"]
+# Every variable this project (or MLflow, on our behalf) reads as a value, and how it must parse.
+# MLflow's async logging thread dies on a non-integer buffering time and the job then hangs at exit.
+ENVIRONMENT = {
+    "MLFLOW_TAGS": validation.json_object,
+    "MLFLOW_NESTED_RUN": validation.boolean,
+    "MLFLOW_FLATTEN_PARAMS": validation.boolean,
+    "HF_MLFLOW_LOG_ARTIFACTS": validation.boolean,
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": validation.boolean,
+    "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": validation.positive_int,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": validation.non_negative_int,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": validation.positive_int,
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": validation.positive_number,
+    "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": validation.positive_int,
+    "TENSORBOARD_LOGGING_DIR": validation.writable_dir,
+}
+END_RUN_SECONDS = 60  # ending a run flushes buffered metrics; a dead server must not hold the job
+# Space kept next to a local store while a run is open and given back just before the run is
+# ended: on a disk filled by checkpoints, SQLite could otherwise not record FAILED.
+RESERVE_BYTES = 1 << 20
+RESERVE_FILE = ".mlflow_reserve"
+
+
+def check_env() -> None:
+    """Refuse a malformed tracking variable by name, before anything is loaded or written."""
+    validation.check_env(ENVIRONMENT)
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Each `--report_to` integration is installed (the Trainer would fail only after the model loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in report_to if name not in available]
+    if missing:
+        raise InputError(f"--report_to {','.join(missing)}: not installed or not a known integration "
+                         f"(available here: {', '.join(sorted(available)) or 'none'})")
 
 
 def env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in {"1", "true", "yes", "on"}
+    return default if not value else validation.boolean(value)
 
 
 def tracking_uri(output_dir: str) -> str:
@@ -74,11 +111,16 @@ def connect(output_dir: str) -> str:
     costs each logging call under a minute, not several. ASYNC_LOGGING_DEFAULTS likewise.
     """
     uri = tracking_uri(output_dir)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and uri.startswith("sqlite:") and not (Path(output_dir) / "mlflow.db").exists():
+        raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run (the local store {uri} does not exist yet)")
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     saved = {k: os.environ.get(k, default) for k, default in JOB_HTTP_LIMITS.items()}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
+        if run_id:
+            _check_run(run_id)
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             local = uri.startswith("sqlite:")
@@ -89,8 +131,10 @@ def connect(output_dir: str) -> str:
         if experiment is None or not set(EXPERIMENT_KIND) & set(experiment.tags):
             for key, value in EXPERIMENT_KIND.items():
                 mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+    except InputError:
+        raise
     except Exception as err:  # the client raises MlflowException, requests or OS errors alike
-        raise InputError(f"MLflow tracking at {_redact_uri(uri)} is not usable: {str(err).splitlines()[0][:300]}") from None
+        raise InputError(f"MLflow tracking at {uri} is not usable: {str(err).splitlines()[0][:300]}") from None
     finally:
         os.environ.update(saved)
     for name, value in ASYNC_LOGGING_DEFAULTS.items():
@@ -99,8 +143,62 @@ def connect(output_dir: str) -> str:
     return experiment_id
 
 
-def _redact_uri(uri: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+def _check_run(run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run in the tracking store") from None
+        raise
+
+
+def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
+    """End the active run as `status`; a store or server in trouble cannot hold the job.
+
+    Buffered metrics are flushed first in a daemon thread given `seconds`: a full disk fails it,
+    a dead server could block it for good. The status is then set from this thread (MLflow keeps
+    the active run per thread) whether or not the flush succeeded, unless it is still blocked.
+    """
+    if mlflow.active_run() is None:
+        return
+    reserve = _reserve_path()
+    if reserve is not None:
+        reserve.unlink(missing_ok=True)
+    flush = threading.Thread(target=lambda: survive("flushing metrics", mlflow.flush_async_logging),
+                             name="flush-mlflow-metrics", daemon=True)
+    flush.start()
+    flush.join(seconds)
+    if flush.is_alive():
+        print(f"[mlflow] buffered metrics were not sent within {seconds:g}s; the run cannot be marked {status}",
+              flush=True)
+        return
+    survive(f"marking the run {status}", lambda: mlflow.end_run(status))
+
+
+def _reserve_path() -> Path | None:
+    uri = mlflow.get_tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")).with_name(RESERVE_FILE) if uri.startswith("sqlite:///") else None
+
+
+def _reserve_space() -> None:
+    """Hold RESERVE_BYTES next to a local store for `end_run` (best effort: a nearly full disk gets none)."""
+    reserve = _reserve_path()
+    if reserve is None:
+        return
+    try:
+        with reserve.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+    except OSError:
+        reserve.unlink(missing_ok=True)
+
+
+def status_after(error: BaseException | None) -> str:
+    """FINISHED, KILLED for Ctrl-C/SIGTERM (they unwind as KeyboardInterrupt/SystemExit), else FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def model_label(source: str) -> str:
@@ -131,9 +229,14 @@ def start_run(output_dir: str, run_name: str | None, resume: bool, node_id: str 
         run_id=run_id, run_name=None if run_id else run_name, nested=env_flag("MLFLOW_NESTED_RUN", False),
         log_system_metrics=env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True),
     )
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    run_file.write_text(run.info.run_id)
-    return run, _last_logged_step(run.info.run_id) if run_id else -1
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        run_file.write_text(run.info.run_id)
+        _reserve_space()
+        return run, _last_logged_step(run.info.run_id) if run_id else -1
+    except BaseException as err:  # a full disk, Ctrl-C: the run must not stay RUNNING
+        end_run(status_after(err))
+        raise
 
 
 def node_system_metrics(run_id: str, output_dir: str, node: int):
@@ -154,11 +257,6 @@ def _last_logged_step(run_id: str) -> int:
     client = mlflow.tracking.MlflowClient()
     keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
     return max((m.step for k in keys for m in client.get_metric_history(run_id, k)), default=-1)
-
-
-def secret_values() -> set[str]:
-    """Values of env vars whose names look secret (tokens, passwords): never to be logged."""
-    return {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4}
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
@@ -195,10 +293,7 @@ def set_tags(model: str) -> None:
     if commit:
         tags["git_commit"] = commit
     if os.environ.get("MLFLOW_TAGS"):
-        try:
-            tags.update(json.loads(os.environ["MLFLOW_TAGS"]))
-        except json.JSONDecodeError as err:
-            raise InputError(f"MLFLOW_TAGS is not a JSON object: {err}") from None
+        tags.update(validation.json_object(os.environ["MLFLOW_TAGS"]))
     mlflow.set_tags(redact(tags))
 
 
@@ -261,5 +356,5 @@ def survive(action: str, fn: Callable[[], Any]) -> None:
     try:
         fn()
     except Exception as err:  # network, server and store errors all land here
-        print(f"[mlflow] {action} failed, training continues: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
-              flush=True)
+        message = f"[mlflow] {action} failed, training continues: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        print(redact_text(message), flush=True)

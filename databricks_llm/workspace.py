@@ -121,6 +121,8 @@ def export_databricks_credentials(namespace: dict[str, Any]) -> None:
 def widget_values(namespace: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """On Databricks, one text widget per parameter (default: its current value), read back
     with the default's type; elsewhere the values are returned unchanged."""
+    from databricks_llm.validation import parse_bool  # the one bool parser of every CLI
+
     dbutils = namespace.get("dbutils")
     values = {name: namespace[name] for name in names}
     if dbutils is None:
@@ -129,7 +131,7 @@ def widget_values(namespace: dict[str, Any], names: list[str]) -> dict[str, Any]
         dbutils.widgets.text(name, str(default))
         raw = dbutils.widgets.get(name)
         if isinstance(default, bool):
-            values[name] = raw.strip().lower() in {"1", "true", "yes"}
+            values[name] = parse_bool(raw)
         elif isinstance(default, (int, float)):
             values[name] = type(default)(raw)
         else:

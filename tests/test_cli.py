@@ -34,7 +34,7 @@ def refused(capsys, argv: list[str]) -> str:
     (["--model=some-org/some-model"], "hub is offline"),
     (["--num_train_epochs=0"], "nothing to train"),
     (["--max_steps=0"], "nothing to train"),
-    (["--per_device_train_batch_size=-1"], "must be positive"),
+    (["--per_device_train_batch_size=-1"], "must be > 0"),
     (["--deepspeed_config=./missing.json"], "does not exist"),
 ])
 def test_bad_flag_is_refused_in_one_line(capsys, no_loading, tiny_model, tmp_path, argv, message):
@@ -58,7 +58,7 @@ def test_output_dir_that_is_a_file_is_refused(capsys, no_loading, tmp_path):
 
 def test_unwritable_output_dir_is_refused_even_for_root(capsys, no_loading):
     err = refused(capsys, ["--output_dir=/proc/databricks_llm_out"])
-    assert "output path /proc/databricks_llm_out is not writable" in err
+    assert "--output_dir /proc/databricks_llm_out is not writable" in err
 
 
 def test_bad_data_found_after_parsing_leaves_nothing_written(capsys, monkeypatch, tiny_model, tmp_path):

@@ -92,6 +92,17 @@ def test_non_utf8_file_is_refused(tmp_path):
         data.load_e2e(str(tmp_path / "latin.csv"))
 
 
+def test_number_columns_are_read_as_text(tmp_path):
+    pd.DataFrame({"mr": [1, 2, 3, 4], "ref": [10, 20, 30, 40]}).to_parquet(tmp_path / "train.parquet")
+    splits = data.load_e2e(str(tmp_path / "train.parquet"), validation_fraction=0.25)
+    assert sorted([*splits["train"]["mr"], *splits["validation"]["mr"]]) == ["1", "2", "3", "4"]
+
+
+def test_a_device_file_is_refused_before_it_is_read():
+    with pytest.raises(InputError, match="not a regular file or folder"):
+        data.check_source("/dev/zero")
+
+
 def test_missing_path_is_refused():
     with pytest.raises(InputError, match="does not exist"):
         data.load_e2e("./no/such/data.csv")

@@ -21,6 +21,10 @@ def test_parse_canonical_mr():
     ("eatType[pub], eatType[restaurant]", [("eatType", "pub"), ("eatType", "restaurant")]),
     ("wifi[yes], name[X]", [("wifi", "yes"), ("name", "X")]),
     ("name[unclosed, food[Indian]", [("food", "Indian")]),
+    ("name[The [Best] Pub], food[Chinese]", [("name", "The [Best] Pub"), ("food", "Chinese")]),  # brackets in a value
+    ("food[Thai], name[A [B [C]] D], area[city centre]", [("food", "Thai"), ("name", "A [B [C]] D"), ("area", "city centre")]),
+    ("name[[Aromi]]", [("name", "[Aromi]")]),
+    ("near[x]] food[Indian]", [("near", "x"), ("food", "Indian")]),  # a stray closing bracket is junk
     ("", []),
     (None, []),
 ])

@@ -1,4 +1,5 @@
-"""Faults survived: SIGKILL then resume, SIGTERM, and a tracking server that goes away and comes back."""
+"""Faults survived: SIGKILL then resume, SIGTERM/SIGINT, a second job on the folder, a full disk, and a
+tracking server that goes away and comes back."""
 
 from __future__ import annotations
 
@@ -21,16 +22,23 @@ def start_job(model, out, *flags: str, env: dict | None = None) -> subprocess.Po
                "--max_steps=40", "--save_steps=5", "--eval_strategy=no", "--logging_steps=1",
                "--max_train_samples=16", "--per_device_train_batch_size=4", "--disable_tqdm=true", *flags]
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen(command, cwd=REPO, env={**base, "PYTHONPATH": str(REPO), **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=REPO, env={**base, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(job: subprocess.Popen, timeout: int) -> str:
+    """The job's output once it exits; a job still running after `timeout` fails the test with
+    every thread's stack (SIGABRT makes the faulthandler print them)."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        job.send_signal(signal.SIGABRT)
+        pytest.fail(f"the job did not exit within {timeout}s:\n" + job.communicate(timeout=60)[0][-8000:])
 
 
 def test_killed_job_resumes_into_the_same_run_without_missing_or_repeated_steps(tiny_model, tmp_path):
     job = start_job(tiny_model, tmp_path)
-    deadline = time.time() + 300
-    while not (tmp_path / "checkpoint-10" / "trainer_state.json").exists():
-        assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
-        time.sleep(0.2)
+    wait_for_checkpoint(job, tmp_path, step=10)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -49,16 +57,62 @@ def test_killed_job_resumes_into_the_same_run_without_missing_or_repeated_steps(
     assert (tmp_path / "final_model" / "adapter_model.safetensors").exists()
 
 
-def test_terminated_job_marks_its_run_failed(tiny_model, tmp_path):
-    job = start_job(tiny_model, tmp_path)
+def wait_for_checkpoint(job: subprocess.Popen, folder, step: int = 5) -> None:
     deadline = time.time() + 300
-    while not (tmp_path / "checkpoint-5" / "trainer_state.json").exists():
-        assert job.poll() is None and time.time() < deadline
+    while not (folder / f"checkpoint-{step}" / "trainer_state.json").exists():
+        assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
         time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGTERM)
-    job.wait(timeout=60)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert mlflow.get_run((tmp_path / "mlflow_run_id").read_text()).info.status == "FAILED"
+
+
+def run_status(out) -> str:
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    return mlflow.get_run((out / "mlflow_run_id").read_text()).info.status
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_terminated_or_interrupted_job_marks_its_run_killed(tiny_model, tmp_path, signum, code):
+    job = start_job(tiny_model, tmp_path)
+    wait_for_checkpoint(job, tmp_path)
+    os.killpg(job.pid, signum)
+    output = finish(job, timeout=120)
+    assert job.returncode == code, output[-3000:]
+    assert run_status(tmp_path) == "KILLED"
+    assert not (tmp_path / ".databricks_llm.lock").exists()
+
+
+def test_second_job_on_the_same_folder_is_refused_naming_the_first(tiny_model, tmp_path):
+    first = start_job(tiny_model, tmp_path)
+    try:
+        wait_for_checkpoint(first, tmp_path)
+        second = start_job(tiny_model, tmp_path, "--max_steps=2")
+        output = finish(second, timeout=300)
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=120)
+    assert second.returncode == 2, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: --output_dir {tmp_path} is in use by another job (pid {first.pid} on "), last
+    assert run_status(tmp_path) == "KILLED"  # the first job's, never overwritten by the second
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
+
+
+def test_full_disk_during_a_run_marks_it_failed(tiny_model, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        job = start_job(tiny_model, disk / "out", "--save_steps=1")
+        output = finish(job, timeout=600)
+        assert job.returncode != 0, output[-3000:]
+        assert "No space left on device" in output or "disk is full" in output, output[-3000:]
+        assert run_status(disk / "out") == "FAILED", output[-3000:]
+        assert not (disk / "out" / ".databricks_llm.lock").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_tracking_server_outage_mid_training_is_survived_and_logging_resumes(tiny_model, tmp_path):

@@ -38,8 +38,11 @@ def test_dataframe_rows_with_missing_values_use_defaults():
     ({"prompt": "   "}, "non-empty string"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens must be an integer in 1.."),
     ({"prompt": "a", "max_tokens": MAX_TOKENS_CAP + 1}, "max_tokens must be an integer in 1.."),
-    ({"prompt": "a", "temperature": -0.1}, "temperature must be >= 0"),
+    ({"prompt": "a", "temperature": -0.1}, "temperature must be a finite number >= 0"),
     ({"prompt": "a", "temperature": "hot"}, "temperature must be a number"),
+    ({"prompt": "a", "temperature": float("inf")}, "temperature must be a finite number"),
+    ({"prompt": "a", "max_tokens": 2.5}, "max_tokens must be an integer in 1.."),
+    ({"prompt": 42}, "'prompt' is required"),
     ("just a string", "expected a dict, list or DataFrame"),
 ])
 def test_bad_requests_are_refused_with_the_reason(request_, message):

@@ -1,0 +1,80 @@
+"""The shared checks: one bool parser, numeric ranges, redaction, the output-folder lock."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from databricks_llm import outputlock
+from databricks_llm.errors import InputError
+from databricks_llm.redaction import redact_text
+from databricks_llm.validation import FRACTION, POSITIVE, PROBABILITY, parse_bool
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("on", True), ("1", True),
+                                         ("false", False), ("NO", False), ("off", False), ("0", False)])
+def test_bool_parser_reads_the_usual_spellings(text, value):
+    assert parse_bool(text) is value
+
+
+@pytest.mark.parametrize("text", ["maybe", "", "2", "truthy"])
+def test_bool_parser_refuses_anything_else(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true/false"):
+        parse_bool(text)
+
+
+def test_ranges_refuse_nan_inf_and_the_open_ends():
+    assert 1e-4 in POSITIVE and 0 not in POSITIVE and float("nan") not in POSITIVE and float("inf") not in POSITIVE
+    assert 0.5 in FRACTION and 0 not in FRACTION and 1 not in FRACTION
+    assert 0 in PROBABILITY and 1 not in PROBABILITY
+    assert (str(POSITIVE), str(FRACTION), str(PROBABILITY)) == ("> 0", "in (0, 1)", "in [0, 1)")
+
+
+def test_redaction_masks_every_copy_of_every_secret(monkeypatch):
+    monkeypatch.setenv("MY_API_TOKEN", "tok-very-secret-1")
+    text = ("error at http://user:s3cret@host:5000/api and again http://user:s3cret@host:5000/x; "
+            "https://tok123@db.example/x?access_token=abc123&page=2 dapi0123456789abcdef0123456789abcdef "
+            "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123 Authorization: Bearer eyJhbGciOi.abc env tok-very-secret-1")
+    redacted = redact_text(text)
+    for secret in ["s3cret", "tok123", "abc123", "dapi0123", "hf_AbCd", "eyJhbGciOi", "tok-very-secret-1"]:
+        assert secret not in redacted, redacted
+    assert redacted.count("http://user:***@host:5000") == 2
+    assert "page=2" in redacted and "transformers/hf_argparser.py" in redact_text("transformers/hf_argparser.py")
+
+
+def test_a_second_job_on_the_folder_is_refused_naming_the_first(tmp_path):
+    with outputlock.hold(str(tmp_path)):
+        holder = subprocess.run([sys.executable, "-c", (
+            "from databricks_llm import outputlock\n"
+            f"with outputlock.hold({str(tmp_path)!r}): pass\n")], capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert f"is in use by another job (pid {os.getpid()} on {socket.gethostname()}" in holder.stderr
+    assert not (tmp_path / outputlock.LOCK_FILE).exists()
+
+
+def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / outputlock.LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    with outputlock.hold(str(tmp_path)):
+        assert json.loads((tmp_path / outputlock.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_from_another_host_is_respected(tmp_path):
+    (tmp_path / outputlock.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
+    with pytest.raises(InputError, match="pid 1 on elsewhere, started today"):
+        with outputlock.hold(str(tmp_path)):
+            pass
+
+
+def test_a_job_refused_before_writing_leaves_no_output_folder(tmp_path):
+    with pytest.raises(InputError):
+        with outputlock.hold(str(tmp_path / "new")):
+            raise InputError("refused")
+    assert not (tmp_path / "new").exists()
