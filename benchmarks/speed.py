@@ -292,9 +292,9 @@ def main() -> int:
         measure_checkpoint_logging(checkpoint, args)
     if "profile" in measures:
         profile_training(model, tokenizer, train, args)
-        profile_generation(args.generation_model or args.model, splits["test"]["ref"][:args.generation_rows], args)
+        profile_generation(args.generation_model or args.model, splits["test"]["sentence"][:args.generation_rows], args)
     if "generation" in measures:
-        measure_generation(args.generation_model or args.model, splits["test"]["ref"][:args.generation_rows], args)
+        measure_generation(args.generation_model or args.model, splits["test"]["sentence"][:args.generation_rows], args)
     return 0
 
 

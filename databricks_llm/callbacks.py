@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
 from databricks_llm import tracking
-from databricks_llm.evaluation import metric_dict, slot_scores
+from databricks_llm.scoring import metric_dict, slot_scores
 from databricks_llm.generation import generate
 
 SLOT_METRIC_PREFIXES = ("eval_slot_", "eval_exact_match")

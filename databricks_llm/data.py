@@ -34,7 +34,8 @@ _SPLIT_ALIASES = {
     "dev": "validation", "devset": "validation", "devel": "validation",
     "test": "test", "testset": "test",
 }
-_COLUMN_ALIASES = {"meaning_representation": "mr", "human_reference": "ref", "target": "ref"}
+# The sentence column is `ref` in the original E2E CSVs, `human_reference` on the hub, `target` in GEM.
+_COLUMN_ALIASES = {"meaning_representation": "mr", "ref": "sentence", "human_reference": "sentence", "target": "sentence"}
 _READERS = {
     ".csv": pd.read_csv,
     ".jsonl": lambda p: pd.read_json(p, lines=True),
@@ -94,21 +95,21 @@ def _load_hub(name: str) -> dict[str, datasets.Dataset]:
 
 
 def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Dataset:
-    """Rename to the `mr`/`ref` columns, drop the others and rows with an empty side."""
+    """Rename to the `mr`/`sentence` columns, drop the others and rows with an empty side."""
     ds = ds.rename_columns({c: _COLUMN_ALIASES[c] for c in ds.column_names if c in _COLUMN_ALIASES and _COLUMN_ALIASES[c] not in ds.column_names})
-    if not {"mr", "ref"} <= set(ds.column_names):
+    if not {"mr", "sentence"} <= set(ds.column_names):
         raise InputError(
-            f"dataset {source} split '{split}' needs columns mr/ref (or meaning_representation/"
-            f"human_reference); found {', '.join(ds.column_names) or 'none'}"
+            f"dataset {source} split '{split}' needs columns mr and sentence (or E2E's ref, or "
+            f"meaning_representation/human_reference); found {', '.join(ds.column_names) or 'none'}"
         )
-    ds = ds.select_columns(["mr", "ref"])
+    ds = ds.select_columns(["mr", "sentence"])
     try:  # numbers (an int-typed parquet column) become text; nested values cannot
-        ds = ds.cast(datasets.Features({"mr": datasets.Value("string"), "ref": datasets.Value("string")}))
+        ds = ds.cast(datasets.Features({"mr": datasets.Value("string"), "sentence": datasets.Value("string")}))
     except (TypeError, ValueError) as err:
-        raise InputError(f"dataset {source} split '{split}': mr/ref must be text ({str(err).splitlines()[0][:200]})") from None
-    kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["ref"] or "").strip()))
+        raise InputError(f"dataset {source} split '{split}': mr/sentence must be text ({str(err).splitlines()[0][:200]})") from None
+    kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["sentence"] or "").strip()))
     if len(kept) < len(ds):
-        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or ref", flush=True)
+        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or sentence", flush=True)
     if len(kept) == 0:
         raise InputError(f"dataset {source} split '{split}' is empty")
     return kept
@@ -128,7 +129,7 @@ def check_source(dataset: str) -> None:
 def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) -> datasets.DatasetDict:
     """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder).
 
-    Returns train/validation/test splits with columns `mr` and `ref`. A missing validation
+    Returns train/validation/test splits with columns `mr` and `sentence`. A missing validation
     split is a seeded `validation_fraction` hold-out of train; a missing test split reuses
     validation.
     """
@@ -192,7 +193,7 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
         raise InputError("the tokenizer has no EOS token; the model could not learn to stop")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        prompts = encode_prompts(tokenizer, batch["ref"])
+        prompts = encode_prompts(tokenizer, batch["sentence"])
         targets = tokenizer([m.strip() for m in batch["mr"]], add_special_tokens=False)["input_ids"]
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
         for prompt, target in zip(prompts, targets):
@@ -205,7 +206,7 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
             out["truncated"].append(target[-1] != eos)
         return out
 
-    tokenized = ds.map(encode, batched=True, remove_columns=["mr", "ref"], desc="tokenize")
+    tokenized = ds.map(encode, batched=True, remove_columns=["mr", "sentence"], desc="tokenize")
     for split, part in tokenized.items():
         if n := sum(part["truncated"]):
             print(f"[data] {split}: {n} of {len(part)} targets truncated at --max_seq_length={max_seq_length}", flush=True)

@@ -62,7 +62,7 @@ def score(uri: str, sentences: list[str], references: list[str], batch_size: int
     """Slot scores of one model, with its predictions and the seconds generation took."""
     import torch
 
-    from databricks_llm.evaluation import slot_scores
+    from databricks_llm.scoring import slot_scores
     from databricks_llm.generation import generate
 
     model, tokenizer = load_scorable(uri)
@@ -131,7 +131,7 @@ def _run(argv: list[str] | None) -> None:
     import mlflow
 
     from databricks_llm import data, runs, tracking
-    from databricks_llm.evaluation import metric_dict, same_mr
+    from databricks_llm.scoring import metric_dict, same_mr
 
     args = _parse(argv)
     tracking.check_env()
@@ -140,7 +140,7 @@ def _run(argv: list[str] | None) -> None:
     split = data.load_e2e(args.dataset)[args.split]
     if args.max_samples:
         split = split.select(range(min(args.max_samples, len(split))))
-    sentences, references = split["ref"], split["mr"]
+    sentences, references = split["sentence"], split["mr"]
 
     if args.compare_run:
         rows = [{**score(uri, sentences, references, args.batch_size, args.max_tokens, args.dtype), "name": name, "step": step}

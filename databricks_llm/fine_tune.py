@@ -270,7 +270,7 @@ def _callbacks(script: ScriptArguments, training, tokenizer, validation, skip_un
     callbacks = []
     if script.eval_generation_samples and training.eval_strategy != "no":
         subset = validation.shuffle(seed=training.seed).select(range(min(script.eval_generation_samples, len(validation))))
-        callbacks.append(SlotEvalCallback(tokenizer, subset["ref"], subset["mr"], batch_size=training.per_device_eval_batch_size,
+        callbacks.append(SlotEvalCallback(tokenizer, subset["sentence"], subset["mr"], batch_size=training.per_device_eval_batch_size,
                                           synced_gpus=is_deepspeed_zero3_enabled() and training.world_size > 1))
     callbacks.append(CustomMLflowCallback(skip_until, log_models=tracking.env_flag("HF_MLFLOW_LOG_ARTIFACTS", True)))
     if script.early_stopping_patience:

@@ -81,10 +81,10 @@ def _example(rng: random.Random) -> tuple[str, str]:
 
 
 def generate(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` rows with the E2E column names `mr` and `ref` (the sentence)."""
+    """`n` rows with the columns `mr` (the meaning representation) and `sentence`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         sentence, mr = _example(rng)
-        rows.append({"mr": mr, "ref": sentence})
+        rows.append({"mr": mr, "sentence": sentence})
     return rows

@@ -38,9 +38,9 @@ def test_single_csv_with_original_columns_gets_seeded_validation_holdout(tmp_pat
 def test_jsonl_with_hub_column_names(tmp_path):
     with open(tmp_path / "train.jsonl", "w") as f:
         for r in ROWS:
-            f.write(json.dumps({"meaning_representation": r["mr"], "human_reference": r["ref"]}) + "\n")
+            f.write(json.dumps({"meaning_representation": r["mr"], "human_reference": r["sentence"]}) + "\n")
     ds = data.load_e2e(str(tmp_path / "train.jsonl"))
-    assert ds["train"].column_names == ["mr", "ref"]
+    assert ds["train"].column_names == ["mr", "sentence"]
     assert len(ds["train"]) + len(ds["validation"]) == 30
 
 
@@ -53,7 +53,7 @@ def test_folder_of_parquet_files_maps_split_names(tmp_path):
 
 def test_save_to_disk_folder(tmp_path):
     datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([{"meaning_representation": r["mr"], "human_reference": r["ref"]} for r in ROWS[:20]]),
+        "train": datasets.Dataset.from_list([{"meaning_representation": r["mr"], "human_reference": r["sentence"]} for r in ROWS[:20]]),
         "validation": datasets.Dataset.from_list(ROWS[20:]),
     }).save_to_disk(str(tmp_path / "saved"))
     ds = data.load_e2e(str(tmp_path / "saved"))
@@ -73,7 +73,7 @@ def test_missing_columns_are_named_in_the_error(tmp_path):
 
 
 def test_rows_with_empty_text_or_mr_are_skipped_and_counted(tmp_path, capsys):
-    rows = ROWS[:10] + [{"mr": "", "ref": "x"}, {"mr": "name[A]", "ref": None}]
+    rows = ROWS[:10] + [{"mr": "", "sentence": "x"}, {"mr": "name[A]", "sentence": None}]
     pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
     ds = data.load_e2e(str(tmp_path / "rows.csv"), validation_fraction=0.2)
     assert len(ds["train"]) + len(ds["validation"]) == 10
@@ -125,7 +125,7 @@ def test_prompt_without_chat_template_uses_plain_format(tiny_tokenizer):
 def test_labels_mask_prompt_and_learn_eos(tiny_tokenizer):
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3])})
     row = data.tokenize_splits(ds, tiny_tokenizer, max_seq_length=512)["train"][0]
-    (prompt_ids,) = data.encode_prompts(tiny_tokenizer, [ROWS[0]["ref"]])
+    (prompt_ids,) = data.encode_prompts(tiny_tokenizer, [ROWS[0]["sentence"]])
     n = len(prompt_ids)
     assert row["input_ids"][:n] == prompt_ids
     assert row["labels"][:n] == [-100] * n

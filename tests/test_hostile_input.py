@@ -194,7 +194,7 @@ CASES = [
          base=base_with("--model=/dev/zero")),
     # datasets
     Case("dataset_dev_zero", ["--dataset=/dev/zero"], "--dataset /dev/zero is not a regular file or folder"),
-    Case("dataset_nested_columns", ["--dataset={case}/data.parquet"], "mr/ref must be text",
+    Case("dataset_nested_columns", ["--dataset={case}/data.parquet"], "mr/sentence must be text",
          setup=parquet({"mr": [[1, 2]] * 8, "ref": ["a"] * 8})),
     # output paths
     Case("output_dir_empty", [], "--output_dir is empty", base=base_with("--output_dir=")),

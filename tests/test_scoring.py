@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from databricks_llm.evaluation import metric_dict, parse_mr, slot_scores
+from databricks_llm.scoring import metric_dict, parse_mr, slot_scores
 
 REF = "name[The Punter], eatType[coffee shop], food[Chinese], priceRange[high], near[Café Sicilia]"
 
@@ -78,7 +78,7 @@ def test_metric_names_are_flat_and_mlflow_safe():
 
 
 def test_same_mr_ignores_order_case_and_spacing_but_not_values():
-    from databricks_llm.evaluation import same_mr
+    from databricks_llm.scoring import same_mr
 
     assert same_mr("eatType[Pub],  name[A]", "name[A], eatType[pub]")
     assert not same_mr("name[A], eatType[pub]", "name[A], eatType[restaurant]")
