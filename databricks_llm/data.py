@@ -103,8 +103,9 @@ def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Datase
             f"meaning_representation/human_reference); found {', '.join(ds.column_names) or 'none'}"
         )
     ds = ds.select_columns(["mr", "sentence"])
+    text = datasets.Features({"mr": datasets.Value("string"), "sentence": datasets.Value("string")})
     try:  # numbers (an int-typed parquet column) become text; nested values cannot
-        ds = ds.cast(datasets.Features({"mr": datasets.Value("string"), "sentence": datasets.Value("string")}))
+        ds = ds if ds.features == text else ds.cast(text)
     except (TypeError, ValueError) as err:
         raise InputError(f"dataset {source} split '{split}': mr/sentence must be text ({str(err).splitlines()[0][:200]})") from None
     kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["sentence"] or "").strip()))

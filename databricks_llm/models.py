@@ -130,6 +130,13 @@ def _check_model_folder(path: Path) -> None:
     weights = [p for p in path.iterdir() if p.name.startswith(WEIGHT_FILE_PREFIXES) and p.suffix in (".safetensors", ".bin")]
     if not weights:
         raise InputError(f"model folder {path} has no weights (no model*.safetensors or pytorch_model*.bin)")
+    for index in path.glob("*.index.json"):  # sharded weights: every shard it names must be there
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise InputError(f"model folder {path}: {index.name} is not a weight index (JSON with a weight_map)") from None
+        if missing := sorted(s for s in shards if not (path / s).is_file()):
+            raise InputError(f"model folder {path}: {index.name} names {len(missing)} missing weight file(s), e.g. {missing[0]}")
     for file in weights:
         if file.suffix == ".safetensors":
             safetensors_header(file)

@@ -112,7 +112,8 @@ def connect(output_dir: str) -> str:
     """
     uri = tracking_uri(output_dir)
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id and uri.startswith("sqlite:") and not (Path(output_dir) / "mlflow.db").exists():
+    store = _local_store(uri)
+    if run_id and store is not None and not store.exists():
         raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run (the local store {uri} does not exist yet)")
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -177,9 +178,14 @@ def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
     survive(f"marking the run {status}", lambda: mlflow.end_run(status))
 
 
+def _local_store(uri: str) -> Path | None:
+    """The SQLite file behind a `sqlite:///` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def _reserve_path() -> Path | None:
-    uri = mlflow.get_tracking_uri()
-    return Path(uri.removeprefix("sqlite:///")).with_name(RESERVE_FILE) if uri.startswith("sqlite:///") else None
+    store = _local_store(mlflow.get_tracking_uri())
+    return store.with_name(RESERVE_FILE) if store is not None else None
 
 
 def _reserve_space() -> None:

@@ -188,6 +188,9 @@ CASES = [
     Case("model_type_unknown", [], "unknown model_type 'no_such_arch'", base=base_with("--model={case}/model"), setup=copy_model(edit_config(model_type="no_such_arch"))),
     Case("config_not_json", [], "config.json is not valid JSON", base=base_with("--model={case}/model"), setup=copy_model(lambda f: (f / "config.json").write_text("{nope"))),
     Case("weights_missing", [], "has no weights", base=base_with("--model={case}/model"), setup=copy_model(lambda f: (f / "model.safetensors").unlink())),
+    Case("weights_shard_missing", [], "names 1 missing weight file(s)", base=base_with("--model={case}/model"),
+         setup=copy_model(lambda f: (f / "model.safetensors.index.json").write_text(
+             json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})))),
     Case("tokenizer_larger_than_embedding", ["--tokenizer={case}/tokenizer"], "embeds only", setup=bigger_tokenizer),
     Case("gguf_not_gguf", [], "is not a GGUF file", base=base_with("--model={case}/fake.gguf"), setup=write("fake.gguf", "not a gguf at all\n" * 10)),
     Case("model_is_a_device", [], "--model /dev/zero is not a regular file or folder",

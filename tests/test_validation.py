@@ -14,7 +14,7 @@ import pytest
 from databricks_llm import outputlock
 from databricks_llm.errors import InputError
 from databricks_llm.redaction import redact_text
-from databricks_llm.validation import FRACTION, POSITIVE, PROBABILITY, parse_bool
+from databricks_llm.validation import FRACTION, POSITIVE, PROBABILITY, argument_parser, parse_bool
 
 
 @pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("on", True), ("1", True),
@@ -27,6 +27,15 @@ def test_bool_parser_reads_the_usual_spellings(text, value):
 def test_bool_parser_refuses_anything_else(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected true/false"):
         parse_bool(text)
+
+
+def test_the_spark_launcher_reads_booleans_with_the_shared_parser():
+    from databricks_llm.distributed import LaunchArguments
+
+    (args,) = argument_parser(LaunchArguments, "test").parse_args_into_dataclasses(args=["--local_mode=no", "--use_gpu=yes"])
+    assert (args.local_mode, args.use_gpu) == (False, True)
+    with pytest.raises(InputError, match="argument --local_mode.*: expected true/false"):
+        argument_parser(LaunchArguments, "test").parse_args_into_dataclasses(args=["--local_mode=maybe"])
 
 
 def test_ranges_refuse_nan_inf_and_the_open_ends():
