@@ -169,7 +169,7 @@ def measure_tracking(model, tokenizer, train, args) -> str:
     """Returns a checkpoint folder for the logging measure."""
     import mlflow
 
-    from databricks_llm.callbacks import CustomMLflowCallback
+    from databricks_llm.callbacks import MLflowLogger
     from databricks_llm.data import collator
 
     rows = train.select(range(args.tracking_steps * args.tracking_batch_size))
@@ -190,7 +190,7 @@ def measure_tracking(model, tokenizer, train, args) -> str:
             plain.append(t.train().metrics["train_runtime"] / args.tracking_steps)
         with mlflow.start_run(experiment_id=experiment, log_system_metrics=True):
             t = trainer(model, rows, collate, args, out, **steps)
-            t.add_callback(CustomMLflowCallback())
+            t.add_callback(MLflowLogger())
             tracked.append(t.train().metrics["train_runtime"] / args.tracking_steps)
     summary("step_time_tracking", tracked, plain, " s", higher_is_better=False)
     print(f"  (tracking overhead: {100 * (statistics.median(tracked) / statistics.median(plain) - 1):.1f}% "
@@ -240,7 +240,7 @@ def measure_generation(source: str, sentences: list[str], args) -> None:
 
 
 def main() -> int:
-    from databricks_llm.fine_tune import ScriptArguments
+    from databricks_llm.config import ModelArguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -248,7 +248,7 @@ def main() -> int:
     parser.add_argument("--dataset", default=str(E2E) if E2E.exists() else "embedded:e2e-sample")
     parser.add_argument("--full_fine_tune", action="store_true", help="train every weight instead of LoRA")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--lora_dropout", type=float, default=ScriptArguments.lora_dropout, help="default: fine_tune's")
+    parser.add_argument("--lora_dropout", type=float, default=ModelArguments.lora_dropout, help="default: fine_tune's")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="steps per timed run of measures 1 and 4 (enough to amortise the Trainer start)")
     parser.add_argument("--tracking_steps", type=int, default=25, help="steps per timed run of measure 2")
@@ -278,9 +278,9 @@ def main() -> int:
     tokenizer = models.load_tokenizer(args.model)
     splits = data.load_e2e(args.dataset)
     needed = max(args.steps * args.batch_size, args.tracking_steps * args.tracking_batch_size)
-    train = splits["train"].select(range(min(needed, len(splits["train"]))))
+    train = data.head(splits["train"], needed)
     train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256)["train"]
-    model = models.load_model(args.model, half=torch.bfloat16 if args.bf16 else None)
+    model = models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
     if not args.full_fine_tune:
         model = models.add_lora(model, r=8, alpha=16, dropout=args.lora_dropout, target_modules="all-linear",
                                 gradient_checkpointing=False, use_4bit=False)

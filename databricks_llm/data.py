@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from databricks_llm import sample_data
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, first_line
+from databricks_llm.validation import looks_like_path
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
 PROMPT_VERSION = "v2"
@@ -63,7 +64,7 @@ def _read_table(path: Path) -> datasets.Dataset:
     except UnicodeDecodeError as err:
         raise InputError(f"dataset file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise InputError(f"cannot read dataset file {path}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot read dataset file {path}: {first_line(err)}") from None
     return datasets.Dataset.from_pandas(frame.astype(object).where(frame.notna(), None), preserve_index=False)
 
 
@@ -90,7 +91,7 @@ def _load_hub(name: str) -> dict[str, datasets.Dataset]:
     except Exception as err:  # the hub client raises many types; all mean "cannot get it"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = " (the hub is offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if offline else ""
-        raise InputError(f"dataset '{name}' is not a local path and could not be loaded from the hub{hint}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"dataset '{name}' is not a local path and could not be loaded from the hub{hint}: {first_line(err)}") from None
     return {_SPLIT_ALIASES.get(k.lower(), k): v for k, v in loaded.items()}
 
 
@@ -107,7 +108,7 @@ def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Datase
     try:  # numbers (an int-typed parquet column) become text; nested values cannot
         ds = ds if ds.features == text else ds.cast(text)
     except (TypeError, ValueError) as err:
-        raise InputError(f"dataset {source} split '{split}': mr/sentence must be text ({str(err).splitlines()[0][:200]})") from None
+        raise InputError(f"dataset {source} split '{split}': mr/sentence must be text ({first_line(err, 200)})") from None
     kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["sentence"] or "").strip()))
     if len(kept) < len(ds):
         print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or sentence", flush=True)
@@ -120,8 +121,7 @@ def check_source(dataset: str) -> None:
     """Cheap check before anything is loaded: a path-like `--dataset` must exist and be a regular
     file or folder (not /dev/zero, a FIFO or a socket, which would be read forever)."""
     path = Path(dataset)
-    looks_like_path = dataset.startswith((".", "/", "~")) or path.suffix.lower() in _READERS
-    if dataset != EMBEDDED_DATASET and looks_like_path and not path.exists():
+    if dataset != EMBEDDED_DATASET and looks_like_path(dataset) and not path.exists():
         raise InputError(f"dataset path {dataset} does not exist")
     if path.exists() and not (path.is_file() or path.is_dir()):
         raise InputError(f"--dataset {dataset} is not a regular file or folder")
@@ -149,10 +149,15 @@ def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) ->
         try:
             held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
         except ValueError as err:  # e.g. a fraction of a few rows that rounds to none
-            raise InputError(f"--validation_fraction={validation_fraction}: {str(err).splitlines()[0][:200]}") from None
+            raise InputError(f"--validation_fraction={validation_fraction}: {first_line(err, 200)}") from None
         splits["train"], splits["validation"] = held["train"], held["test"]
     splits.setdefault("test", splits["validation"])
     return datasets.DatasetDict(splits)
+
+
+def head(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
+    """The first `n` rows of `split` (all of them when `n` is 0 or None, or larger than the split)."""
+    return split.select(range(min(n, len(split)))) if n else split
 
 
 def _prompt_parts(tokenizer: Any) -> tuple[str, str]:
@@ -214,6 +219,18 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
     return tokenized.remove_columns("truncated")
 
 
+def padded(rows: list[list[int]], value: int, left: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """`rows` padded with `value` to the longest one, on the left or the right, and their attention
+    masks (1 for a real token, 0 for padding): the one padding rule of training and generation."""
+    width = max(map(len, rows))
+    out, mask = [], []
+    for row in rows:
+        gap, ones = [value] * (width - len(row)), [1] * len(row)
+        out.append(gap + row if left else row + gap)
+        mask.append([0] * len(gap) + ones if left else ones + [0] * len(gap))
+    return out, mask
+
+
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
               target_logits_only: bool = False) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest row (dynamic padding; labels padded with -100).
@@ -224,16 +241,8 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
     prompt, whose labels are -100: same loss, less work. Position ids keep each row counting from 0.
     """
     width = max(len(f["input_ids"]) for f in features)
-
-    def join(row: list[int], padding: list[int]) -> list[int]:
-        return padding + row if target_logits_only else row + padding
-
-    ids, mask, labels = [], [], []
-    for f in features:
-        gap = width - len(f["input_ids"])
-        ids.append(join(f["input_ids"], [pad_token_id] * gap))
-        mask.append(join([1] * len(f["input_ids"]), [0] * gap))
-        labels.append(join(f["labels"], [-100] * gap))
+    ids, mask = padded([f["input_ids"] for f in features], pad_token_id, left=target_logits_only)
+    labels, _ = padded([f["labels"] for f in features], -100, left=target_logits_only)
     batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
     if target_logits_only:
         keep = min(width, 1 + max(len(f["labels"]) - _first_target(f["labels"]) for f in features))  # +1: the logit before

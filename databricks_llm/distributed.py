@@ -62,14 +62,14 @@ def run_on_spark(args: list[str], *, num_processes: int, nnodes: int = 1, local_
     session, else starts one on `master` (default local[*]). Bad flags raise InputError here,
     before Spark starts.
     """
-    from databricks_llm import fine_tune
+    from databricks_llm import config
 
     if num_processes <= 0 or nnodes <= 0 or num_processes % nnodes:
         raise InputError(f"--num_processes ({num_processes}) must be a positive multiple of --nnodes ({nnodes})")
     args = absolute_paths(args)
     if deepspeed_config:
         deepspeed_config = str(Path(deepspeed_config).resolve())
-    fine_tune.parse_args(args + (["--deepspeed_config", deepspeed_config] if deepspeed_config else []))
+    config.parse(args + (["--deepspeed_config", deepspeed_config] if deepspeed_config else []))
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     from pyspark.sql import SparkSession
 

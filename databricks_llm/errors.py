@@ -28,3 +28,9 @@ def exit_code(command: Callable[[], object]) -> int:
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="", flush=True)
         return 1
     return 0
+
+
+def first_line(err: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's text, cut to `limit` characters: what a one-line refusal quotes."""
+    lines = str(err).splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

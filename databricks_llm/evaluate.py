@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import mlflow
+
+from databricks_llm import data, models, runs, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
-from databricks_llm.errors import InputError, exit_code
+from databricks_llm.errors import InputError, exit_code, first_line
+from databricks_llm.generation import check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
+from databricks_llm.scoring import metric_dict, same_mr, slot_scores
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE
 
 RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
@@ -35,7 +41,7 @@ class EvaluateArguments:
     max_samples: int = field(default=200, metadata={"help": "Score the first N rows of the split (0: all)."})
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     max_tokens: int = field(default=128, metadata={"help": "Most new tokens per prediction."})
-    dtype: str = field(default="float32", metadata={"help": "Weights for generation: float32 or bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs; see docs/benchmarks.md)."})
+    dtype: str = field(default="auto", metadata={"help": "Weights for generation: auto (bf16 on a GPU, float32 on a CPU), float32 or bfloat16 (faster on CPUs with AVX512-BF16; see docs/benchmarks.md)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the scores here as JSON."})
     register_best: str | None = field(default=None, metadata={"help": "With --compare_run: register the best checkpoint under this model name."})
     alias: str = field(default="champion", metadata={"help": "Alias given to the registered best version."})
@@ -45,28 +51,19 @@ class EvaluateArguments:
 def load_scorable(uri: str) -> tuple[Any, Any]:
     """(model, tokenizer) behind an MLflow model URI or any fine_tune --model source."""
     if uri.startswith(("runs:/", "models:/")):
-        import mlflow
-
         try:
             inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
         except Exception as err:  # MLflow raises several types for a missing model
-            raise InputError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
+            raise InputError(f"cannot load {uri}: {first_line(err)}") from None
         return inner.model, inner.tokenizer
-    from databricks_llm.models import load_for_inference
-
-    return load_for_inference(uri)
+    return models.load_for_inference(uri)
 
 
 def score(uri: str, sentences: list[str], references: list[str], batch_size: int, max_tokens: int,
-          dtype: str = "float32") -> dict:
+          dtype: str = "auto") -> dict:
     """Slot scores of one model, with its predictions and the seconds generation took."""
-    import torch
-
-    from databricks_llm.scoring import slot_scores
-    from databricks_llm.generation import generate
-
     model, tokenizer = load_scorable(uri)
-    model = model.to(getattr(torch, dtype))
+    model = model.to(models.inference_dtype(dtype))
     start = time.time()
     predictions = generate(model, tokenizer, sentences, max_tokens=max_tokens, batch_size=batch_size)
     result = slot_scores(predictions, references)
@@ -77,19 +74,11 @@ def score(uri: str, sentences: list[str], references: list[str], batch_size: int
 
 def candidates(run_id: str) -> list[tuple[str, int, str]]:
     """(name, step, uri) of the base model and each checkpoint of a fine-tuning run, by step."""
-    import mlflow
-
     try:
-        run = mlflow.get_run(run_id)
+        base = mlflow.get_run(run_id).data.tags["model"]
     except Exception as err:
-        raise InputError(f"--compare_run {run_id}: {str(err).splitlines()[0][:300]}") from None
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{run_id}'")
-    checkpoints = sorted((m for m in logged if m.name.startswith("checkpoint-")), key=lambda m: int(m.name.split("-")[1]))
-    if not checkpoints:
-        raise InputError(f"run {run_id} has no logged checkpoint models")
-    return [("base", 0, run.data.tags["model"])] + [(m.name, int(m.name.split("-")[1]), f"models:/{m.model_id}")
-                                                   for m in checkpoints]
+        raise InputError(f"--compare_run {run_id}: {first_line(err)}") from None
+    return [("base", 0, base)] + [(m.name, step, f"models:/{m.model_id}") for step, m in runs.logged_checkpoints(run_id)]
 
 
 def print_table(rows: list[dict], best: str | None = None) -> None:
@@ -106,17 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str] | None) -> EvaluateArguments:
-    from databricks_llm import data, models, validation
-    from databricks_llm.generation import check_settings
-
     parser = validation.argument_parser(EvaluateArguments, description=__doc__.split("\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.split not in ("train", "validation", "test"):
         raise InputError(f"--split must be train, validation or test (got {args.split})")
     validation.check_ranges(args, RANGES)
     check_settings(0.0, args.max_tokens, prefix="--")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16 (got {args.dtype})")
+    if args.dtype not in models.INFERENCE_DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(models.INFERENCE_DTYPES)} (got {args.dtype})")
     if args.register_best and not args.compare_run:
         raise InputError("--register_best needs --compare_run")
     if not args.compare_run and not args.model_uri.startswith(("runs:/", "models:/")):
@@ -127,19 +113,11 @@ def _parse(argv: list[str] | None) -> EvaluateArguments:
 
 
 def _run(argv: list[str] | None) -> None:
-    import datasets
-    import mlflow
-
-    from databricks_llm import data, runs, tracking
-    from databricks_llm.scoring import metric_dict, same_mr
-
     args = _parse(argv)
-    tracking.check_env()
+    settings = tracking.TrackingSettings.from_env(args.job_dir)
     datasets.disable_progress_bars()
-    tracking.connect(args.job_dir)
-    split = data.load_e2e(args.dataset)[args.split]
-    if args.max_samples:
-        split = split.select(range(min(args.max_samples, len(split))))
+    tracking.connect(settings, args.job_dir)
+    split = data.head(data.load_e2e(args.dataset)[args.split], args.max_samples)
     sentences, references = split["sentence"], split["mr"]
 
     if args.compare_run:
@@ -174,8 +152,6 @@ def _run(argv: list[str] | None) -> None:
 
 
 def _register(best: dict, name: str, alias: str) -> None:
-    import mlflow
-
     if best["name"] == "base":
         raise InputError("the base model scored best; nothing fine-tuned to register")
     version = mlflow.register_model(best["model_uri"], name)

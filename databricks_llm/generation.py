@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from databricks_llm.data import encode_prompts
+from databricks_llm.data import encode_prompts, padded
 from databricks_llm.errors import InputError
 
 MAX_TOKENS_CAP = 512
@@ -42,9 +42,8 @@ def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: in
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         chunk = [prompts[i] for i in rows]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        ids, mask = (torch.tensor(t, device=device) for t in padded(chunk, pad, left=True))
+        width = ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,

@@ -18,7 +18,8 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, first_line
+from databricks_llm.validation import looks_like_path
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,10 +78,6 @@ def _converted(gguf: Path) -> Path:
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
-
-
 def check_source(model: str, role: str = "model") -> None:
     """Cheap checks of a `--model`/`--tokenizer` value (`role`), before anything is loaded or written:
     a path exists and is the right kind of file; a model folder has a known config and whole weights."""
@@ -96,7 +93,7 @@ def check_source(model: str, role: str = "model") -> None:
             _check_model_folder(path)
         elif path.is_dir() and not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
             raise InputError(f"model folder {model} has no config.json (not a Hugging Face model folder)")
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         raise InputError(f"model path {model} does not exist")
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(model):
         raise InputError(f"'{model}' is not a local path and the hub is offline (HF_HUB_OFFLINE=1); pass a local folder or .gguf file")
@@ -173,7 +170,7 @@ def read_config(model: str, trust_remote_code: bool = False) -> Any:
         source = str(_converted(gguf)) if gguf is not None else model
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"--model {model}: cannot read its config: {str(err).splitlines()[0][:300]}") from None
+        raise InputError(f"--model {model}: cannot read its config: {first_line(err)}") from None
 
 
 def check_model(model: str, *, lora: dict[str, Any] | None, checkpoint: str | None,
@@ -188,7 +185,7 @@ def check_model(model: str, *, lora: dict[str, Any] | None, checkpoint: str | No
             warnings.simplefilter("ignore")  # PEFT and transformers deprecation notes, not the user's concern
             meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as err:
-        raise InputError(f"--model {model} is not a causal language model: {str(err).splitlines()[0][:200]}") from None
+        raise InputError(f"--model {model} is not a causal language model: {first_line(err, 200)}") from None
     if lora is not None:
         from peft import get_peft_model_state_dict
 
@@ -251,7 +248,7 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as err:
-        raise InputError(f"cannot load '{name}': {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot load '{name}': {first_line(err)}") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
@@ -262,14 +259,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(name: str, *, use_4bit: bool = False, half: torch.dtype | None = None,
+def half_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
+    """The 16-bit dtype the --bf16/--fp16 flags ask for, else None (float32)."""
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+
+
+def load_model(name: str, *, use_4bit: bool = False, dtype: torch.dtype | None = None,
                trust_remote_code: bool = False) -> Any:
-    """The base causal LM; `half` loads frozen LoRA bases in bf16/fp16 to halve their memory."""
-    kwargs: dict[str, Any] = {"dtype": half or torch.float32, "trust_remote_code": trust_remote_code}
+    """The base causal LM; a 16-bit `dtype` for frozen LoRA bases halves their memory (default float32)."""
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
     if use_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=half or torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype or torch.bfloat16,
         )
     return _from_pretrained(AutoModelForCausalLM, resolve(name), **kwargs)
 
@@ -298,7 +300,7 @@ def _peft_model(model: Any, lora: dict[str, Any]) -> Any:
     try:
         return get_peft_model(model, LoraConfig(**{**lora, "target_modules": targets}, task_type="CAUSAL_LM"))
     except ValueError as err:
-        raise InputError(f"--lora_target_modules={names}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"--lora_target_modules={names}: {first_line(err)}") from None
 
 
 @contextlib.contextmanager
@@ -331,8 +333,22 @@ def merge_adapter(folder: str) -> Path:
     return target
 
 
-def load_for_inference(source: str) -> tuple[Any, Any]:
-    """A model (saved folder, LoRA adapter folder, hub id, .gguf, embedded) ready to generate.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def inference_dtype(requested: str = "auto") -> torch.dtype:
+    """The weights' dtype for generation: `auto` is bf16 (fp16 where unsupported) on a GPU and
+    float32 on a CPU, where bf16 pays only with AVX512-BF16 (`--dtype=bfloat16`, docs/benchmarks.md)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_for_inference(source: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """A model (saved folder, LoRA adapter folder, hub id, .gguf, embedded) ready to generate, on
+    the GPU when there is one, in `inference_dtype(dtype)`.
 
     A LoRA adapter is merged into its base on load: same outputs, no adapter cost per token.
     """
@@ -345,6 +361,5 @@ def load_for_inference(source: str) -> tuple[Any, Any]:
             model = _from_pretrained(AutoPeftModelForCausalLM, folder, dtype=torch.float32).merge_and_unload()
         else:
             model = _from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return model.eval(), tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device, dtype=inference_dtype(dtype)).eval(), tokenizer

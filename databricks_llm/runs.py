@@ -19,25 +19,30 @@ def job_run_id(job_dir: str) -> str:
     return path.read_text().strip()
 
 
+def logged_checkpoints(run_id: str) -> list[tuple[int, Any]]:
+    """(step, LoggedModel) of each checkpoint the fine-tuning run logged, by step."""
+    run = mlflow.get_run(run_id)
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    checkpoints = sorted((int(m.name.split("-")[1]), m) for m in logged if m.name.startswith("checkpoint-"))
+    if not checkpoints:
+        raise InputError(f"run {run_id} has no logged checkpoint models")
+    return checkpoints
+
+
 def checkpoint_uri(run_id: str) -> str:
     """`runs:/<run>/checkpoint-N` of the run's best checkpoint by eval_slot_f1 (else eval_loss), else its last."""
-    run = mlflow.get_run(run_id)
-    logged = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                                     filter_string=f"source_run_id = '{run_id}'")
-              if m.name.startswith("checkpoint-")]
-    if not logged:
-        raise InputError(f"run {run_id} has no logged checkpoints")
 
-    def rank(model: Any) -> tuple:
+    def rank(item: tuple[int, Any]) -> tuple:
+        step, model = item
         metrics = {m.key: m.value for m in model.metrics or []}
-        step = int(model.name.split("-")[1])
         if "eval_slot_f1" in metrics:
             return (1, metrics["eval_slot_f1"], step)
         if "eval_loss" in metrics:
             return (0, -metrics["eval_loss"], step)
         return (-1, 0, step)
 
-    return f"runs:/{run_id}/{max(logged, key=rank).name}"
+    return f"runs:/{run_id}/{max(logged_checkpoints(run_id), key=rank)[1].name}"
 
 
 def loss_figure(run_id: str, f1_by_step: list[tuple[int, float]] | None = None) -> Any:

@@ -11,12 +11,13 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, first_line
 
 
 def _free_port() -> int:
@@ -45,15 +46,48 @@ def init_process_group(use_deepspeed: bool) -> None:
         torch.distributed.init_process_group(backend=backend)
 
 
-def global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the job, computed once from what torchrun, deepspeed or Spark's
+    distributors set (a plain `python -m` run is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Process:
+        env = os.environ
+        world = int(env.get("WORLD_SIZE", "1"))
+        return cls(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")), world_size=world,
+                   local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world))
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the one process that tracks the job and writes its final model."""
+        return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
+    def nodes(self) -> int:
+        return max(self.world_size // self.local_world_size, 1)
 
 
-def node() -> tuple[int, int]:
-    """(this node's index, number of nodes) from what torchrun, deepspeed or Spark's distributors set."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
-    return global_rank() // per_node, max(world // per_node, 1)
+def start(use_deepspeed: bool) -> Process:
+    """Join the job's process group (before the model exists: ZeRO-3 shards at creation) and say
+    where this process stands in it."""
+    if use_deepspeed:
+        set_distributed_env_defaults()
+    init_process_group(use_deepspeed)
+    return Process.current()
 
 
 def broadcast(value, device: torch.device):
@@ -124,7 +158,7 @@ def _first_problem(err: Exception) -> str:
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
-    return str(err).splitlines()[0][:300]
+    return first_line(err)
 
 
 def exit_within(seconds: float, code: int) -> None:

@@ -1,20 +1,24 @@
-"""MLflow set-up for a fine-tuning job: where to log, the one run, params, inputs, models.
+"""MLflow for a fine-tuning job: its settings, the one run, params, inputs, models.
 
-Only global rank 0 calls into this module. Environment variables (all optional):
-MLFLOW_TRACKING_URI, DATABRICKS_HOST + DATABRICKS_TOKEN, MLFLOW_EXPERIMENT_NAME,
-MLFLOW_RUN_ID, MLFLOW_NESTED_RUN, MLFLOW_TAGS, MLFLOW_FLATTEN_PARAMS, HF_MLFLOW_LOG_ARTIFACTS,
-MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING; see the README for what each does. `ENVIRONMENT` says how
-each is parsed; `check_env` runs at start so that none can fail (or hang a thread) mid-job.
+`TrackingSettings.from_env` is the one place the tracking environment variables are read
+(MLFLOW_TRACKING_URI, DATABRICKS_HOST + DATABRICKS_TOKEN, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID,
+MLFLOW_NESTED_RUN, MLFLOW_TAGS, MLFLOW_FLATTEN_PARAMS, HF_MLFLOW_LOG_ARTIFACTS,
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, TENSORBOARD_LOGGING_DIR; see the README): each is parsed
+once, at start, so that none can fail (or hang a thread) mid-job. `job_run` owns the run from
+start (or resume) to its end state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +27,9 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from databricks_llm import validation
-from databricks_llm.errors import InputError
+from databricks_llm import runtime, validation
+from databricks_llm.errors import InputError, first_line
+from databricks_llm.runtime import Process
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 
 DEFAULT_EXPERIMENT = "databricks_llm"
@@ -70,9 +75,38 @@ RESERVE_BYTES = 1 << 20
 RESERVE_FILE = ".mlflow_reserve"
 
 
-def check_env() -> None:
-    """Refuse a malformed tracking variable by name, before anything is loaded or written."""
-    validation.check_env(ENVIRONMENT)
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where and how a job is tracked, read once from the environment (see `from_env`)."""
+
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    run_id: str | None = None  # attach to this run instead of starting one
+    nested: bool = False
+    tags: dict[str, Any] = field(default_factory=dict)
+    flatten_params: bool = False
+    log_checkpoints: bool = True  # every save as an MLflow model (False: only the final model)
+    system_metrics: bool = True
+    tensorboard_dir: str = ""
+
+    @classmethod
+    def from_env(cls, output_dir: str) -> TrackingSettings:
+        """The settings for a job writing to `output_dir`; a malformed variable is an InputError
+        naming it, before anything is loaded or written."""
+        validation.check_env(ENVIRONMENT)
+        env = os.environ
+
+        def flag(name: str, default: bool) -> bool:
+            return validation.boolean(env[name]) if env.get(name) else default
+
+        return cls(
+            uri=tracking_uri(output_dir), experiment=env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+            run_id=env.get("MLFLOW_RUN_ID") or None, nested=flag("MLFLOW_NESTED_RUN", False),
+            tags=validation.json_object(env["MLFLOW_TAGS"]) if env.get("MLFLOW_TAGS") else {},
+            flatten_params=flag("MLFLOW_FLATTEN_PARAMS", False), log_checkpoints=flag("HF_MLFLOW_LOG_ARTIFACTS", True),
+            system_metrics=flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True),
+            tensorboard_dir=env.get("TENSORBOARD_LOGGING_DIR") or str(Path(output_dir) / "tensorboard"),
+        )
 
 
 def check_report_to(report_to: list[str]) -> None:
@@ -86,11 +120,6 @@ def check_report_to(report_to: list[str]) -> None:
                          f"(available here: {', '.join(sorted(available)) or 'none'})")
 
 
-def env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if not value else validation.boolean(value)
-
-
 def tracking_uri(output_dir: str) -> str:
     """MLFLOW_TRACKING_URI, else Databricks when host+token are set or on a Databricks cluster,
     else <output_dir>/mlflow.db."""
@@ -102,31 +131,29 @@ def tracking_uri(output_dir: str) -> str:
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
 
 
-def connect(output_dir: str) -> str:
+def connect(settings: TrackingSettings, output_dir: str) -> str:
     """Point MLflow at the target and make sure the experiment exists; returns its id.
 
     The first contact uses 1 retry and a 10 s timeout, so an unreachable server is reported in
     seconds rather than after MLflow's default minutes of retries. Later calls get
     JOB_HTTP_LIMITS unless the user set those variables: a server that goes away mid-job
-    costs each logging call under a minute, not several. ASYNC_LOGGING_DEFAULTS likewise.
+    costs each logging call under a minute, not several. ASYNC_LOGGING_DEFAULTS likewise
+    (MLflow reads all of these from the environment, so that is where they are set).
     """
-    uri = tracking_uri(output_dir)
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    uri, run_id = settings.uri, settings.run_id
     store = _local_store(uri)
     if run_id and store is not None and not store.exists():
         raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run (the local store {uri} does not exist yet)")
     mlflow.set_tracking_uri(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     saved = {k: os.environ.get(k, default) for k, default in JOB_HTTP_LIMITS.items()}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
         if run_id:
             _check_run(run_id)
-        experiment = mlflow.get_experiment_by_name(name)
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
         if experiment is None:
-            local = uri.startswith("sqlite:")
-            location = (Path(output_dir) / "mlartifacts").resolve().as_uri() if local else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+            location = (Path(output_dir) / "mlartifacts").resolve().as_uri() if store is not None else None
+            experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
         if experiment is None or not set(EXPERIMENT_KIND) & set(experiment.tags):
@@ -135,7 +162,7 @@ def connect(output_dir: str) -> str:
     except InputError:
         raise
     except Exception as err:  # the client raises MlflowException, requests or OS errors alike
-        raise InputError(f"MLflow tracking at {uri} is not usable: {str(err).splitlines()[0][:300]}") from None
+        raise InputError(f"MLflow tracking at {uri} is not usable: {first_line(err)}") from None
     finally:
         os.environ.update(saved)
     for name, value in ASYNC_LOGGING_DEFAULTS.items():
@@ -220,41 +247,70 @@ def default_run_name(model: str) -> str:
     return f"{model_label(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def start_run(output_dir: str, run_name: str | None, resume: bool, node_id: str | None = None) -> tuple[Any, int]:
-    """Start (or, on resume, reopen) the job's run; returns it and the last step it logged.
+@dataclass(frozen=True)
+class JobRun:
+    """The job's run as rank 0 sees it; `skip_until_step`: steps a resumed run already logged."""
 
-    The run id is kept in <output_dir>/mlflow_run_id so that a resumed job continues the
-    same run; metric steps up to the returned one are not logged again. `node_id` prefixes
-    this node's system metrics (multi-node jobs).
+    run_id: str
+    skip_until_step: int = -1
+
+
+@contextlib.contextmanager
+def job_run(settings: TrackingSettings, process: Process, *, output_dir: str, run_name: str, resume: bool,
+            device: Any) -> Iterator[JobRun | None]:
+    """The job's one MLflow run around everything it does after its data checks.
+
+    Global rank 0 connects (a local store is created only now), starts the run or, on resume,
+    reopens the one named in <output_dir>/mlflow_run_id, and yields it; other ranks yield None.
+    On multi-node jobs every node's first process logs its own system metrics into the run as
+    system/node-<i>/... The run always ends: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any
+    error, a full disk included), after a bounded flush of the buffered metrics.
     """
+    run, monitor, error = None, None, None
+    if process.is_main:
+        connect(settings, output_dir)
+        run = _start_run(settings, output_dir, run_name, resume, f"node-{process.node}" if process.nodes > 1 else None)
+        print(f"[mlflow] run {run.run_id} at {redact_text(settings.uri)}", flush=True)
+    try:
+        if process.nodes > 1:
+            run_id = runtime.broadcast(run.run_id if run else None, device)
+            if not process.is_main and process.is_node_main and settings.system_metrics:
+                monitor = _node_system_metrics(run_id, settings.uri, process.node)
+        yield run
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        if run is not None:
+            end_run(status_after(error))
+
+
+def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resume: bool,
+               node_id: str | None) -> JobRun:
+    """Start (or reopen) the run and record its id in <output_dir>/mlflow_run_id for a resume."""
     if node_id:
         mlflow.system_metrics.set_system_metrics_node_id(node_id)
     run_file = Path(output_dir) / RUN_ID_FILE
-    run_id = os.environ.get("MLFLOW_RUN_ID") or (run_file.read_text().strip() if resume and run_file.exists() else None)
-    run = mlflow.start_run(
-        run_id=run_id, run_name=None if run_id else run_name, nested=env_flag("MLFLOW_NESTED_RUN", False),
-        log_system_metrics=env_flag("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", True),
-    )
+    run_id = settings.run_id or (run_file.read_text().strip() if resume and run_file.exists() else None)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=settings.nested,
+                           log_system_metrics=settings.system_metrics)
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         run_file.write_text(run.info.run_id)
         _reserve_space()
-        return run, _last_logged_step(run.info.run_id) if run_id else -1
+        return JobRun(run.info.run_id, _last_logged_step(run.info.run_id) if run_id else -1)
     except BaseException as err:  # a full disk, Ctrl-C: the run must not stay RUNNING
         end_run(status_after(err))
         raise
 
 
-def node_system_metrics(run_id: str, output_dir: str, node: int):
-    """Start logging this node's system metrics into the job's run, as system/node-<i>/...
-
-    For the nodes of a multi-node job other than the one with global rank 0, which gets its
-    node id through `start_run`. Returns the monitor; call `.finish()` at the end.
-    """
+def _node_system_metrics(run_id: str, uri: str, node: int) -> Any:
+    """This node's system metrics into the job's run, as system/node-<i>/...; `.finish()` stops it."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, node_id=f"node-{node}", resume_logging=True,
-                                   tracking_uri=tracking_uri(output_dir))
+    monitor = SystemMetricsMonitor(run_id, node_id=f"node-{node}", resume_logging=True, tracking_uri=uri)
     monitor.start()
     return monitor
 
@@ -282,9 +338,9 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def log_params(params: dict[str, Any]) -> None:
+def log_params(params: dict[str, Any], flatten: bool = False) -> None:
     """Log params (flattened when MLFLOW_FLATTEN_PARAMS is set), secrets and over-long values dropped."""
-    if env_flag("MLFLOW_FLATTEN_PARAMS", False):
+    if flatten:
         params = _flatten(params)
     limit = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
     items = [(k, v) for k, v in redact(params).items() if len(str(v)) <= limit]
@@ -292,15 +348,13 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[i:i + 100]))
 
 
-def set_tags(model: str) -> None:
-    """Model id, task, git commit and whatever MLFLOW_TAGS (a JSON object) adds."""
+def set_tags(model: str, extra: dict[str, Any]) -> None:
+    """Model id, task, git commit and whatever MLFLOW_TAGS (`extra`) adds."""
     tags = {"model": model, "task": TASK}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
-    if os.environ.get("MLFLOW_TAGS"):
-        tags.update(validation.json_object(os.environ["MLFLOW_TAGS"]))
-    mlflow.set_tags(redact(tags))
+    mlflow.set_tags(redact({**tags, **extra}))
 
 
 def _git_commit() -> str | None:
@@ -362,5 +416,5 @@ def survive(action: str, fn: Callable[[], Any]) -> None:
     try:
         fn()
     except Exception as err:  # network, server and store errors all land here
-        message = f"[mlflow] {action} failed, training continues: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        message = f"[mlflow] {action} failed, training continues: {type(err).__name__}: {first_line(err, 200)}"
         print(redact_text(message), flush=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from databricks_llm.errors import InputError
+from databricks_llm.errors import InputError, first_line
 
 _TRUE = {"1", "true", "yes", "on", "t", "y"}
 _FALSE = {"0", "false", "no", "off", "f", "n"}
@@ -138,7 +138,17 @@ def check_env(parsers: Mapping[str, Callable[[str], Any]]) -> None:
         except InputError as err:
             raise InputError(f"{name}: {err}") from None
         except ValueError as err:
-            raise InputError(f"{name}={value[:80]!r} is not valid: {str(err).splitlines()[0][:200]}") from None
+            raise InputError(f"{name}={value[:80]!r} is not valid: {first_line(err, 200)}") from None
+
+
+# File types a --model or --dataset value can name; hub ids never end with these.
+LOCAL_FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".gguf")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a --model/--dataset value means a local path rather than a hub id (`org/name`):
+    relative or absolute path syntax, more than one `/`, or a local file type."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or value.lower().endswith(LOCAL_FILE_SUFFIXES)
 
 
 def _exists(path: Path) -> bool:

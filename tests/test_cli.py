@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO, run_module
-from databricks_llm import fine_tune, models
+from databricks_llm import config, fine_tune, models
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_incomplete_checkpoint_is_refused_by_name(capsys, no_loading, tmp_path):
 
 def test_launcher_extras_and_aliases_are_understood():
     argv = ["--local_rank=1", "--evaluation_strategy=no", "--deepspeed", "--deepspeed_config", "ds.json", "--local_rank", "0"]
-    assert fine_tune._normalise_argv(argv) == ["--eval_strategy=no", "--deepspeed_config", "ds.json"]
+    assert config.normalise_argv(argv) == ["--eval_strategy=no", "--deepspeed_config", "ds.json"]
 
 
 def test_command_line_exit_code_is_2_without_traceback(tmp_path):

@@ -1,0 +1,187 @@
+"""The fine-tuning job's configuration: argument groups parsed by one parser, checked up front.
+
+As in TRL's scripts, each group is a dataclass: `DataArguments`, `ModelArguments`, `JobArguments`
+and transformers' `TrainingArguments` share one command line (flags unchanged since the seed
+notebook), and `TrackingSettings` holds the environment, read once. `parse` returns them as one
+`JobConfig` after every check that needs no model or data loaded and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from databricks_llm.data import EMBEDDED_DATASET
+from databricks_llm.errors import InputError, first_line
+from databricks_llm.models import EMBEDDED_MODEL
+from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "Hub id (E2E layout), local CSV/JSONL/parquet file or folder, a save_to_disk folder, or the embedded sample."})
+    max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
+    eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log slot F1 (0: off)."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "Hub id, local HF folder, .gguf file, or the embedded SmolLM2-135M-Instruct."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer source (default: --model)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (false: full fine-tune)."})
+    use_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4-bit (bitsandbytes, CUDA only)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (default 0: its mask on every adapted input cost about a tenth of a CPU step)."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
+    merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
+
+
+@dataclass
+class JobArguments:
+    final_model_output_path: str | None = field(default=None, metadata={"help": "Where rank 0 writes the final model and tokenizer (default: <output_dir>/final_model)."})
+    deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (turns on load_best_model_at_end)."})
+    registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
+
+
+@dataclass
+class JobConfig:
+    """Everything one fine-tuning job is told, in one tree."""
+
+    data: DataArguments
+    model: ModelArguments
+    job: JobArguments
+    training: Any  # transformers.TrainingArguments
+    tracking: Any  # tracking.TrackingSettings
+
+
+GROUPS = (DataArguments, ModelArguments, JobArguments)
+# The seed notebook's defaults where they differ from TrainingArguments'.
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/checkpoints", learning_rate=2e-4, num_train_epochs=1.0,
+    per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10,
+    eval_strategy="steps", eval_steps=50, save_strategy="steps", save_steps=50,
+    report_to="tensorboard", remove_unused_columns=False, ddp_find_unused_parameters=False,
+)
+_ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepspeed_config"}
+# Valid values of the numeric flags (TrainingArguments' own checks let nan, inf and negatives
+# through to the first optimizer step); every other number must at least be finite.
+RANGES = {
+    "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": PROBABILITY, "max_seq_length": POSITIVE,
+    "max_train_samples": POSITIVE, "max_eval_samples": NON_NEGATIVE, "eval_generation_samples": NON_NEGATIVE,
+    "early_stopping_patience": NON_NEGATIVE, "validation_fraction": FRACTION,
+    "learning_rate": POSITIVE, "num_train_epochs": NON_NEGATIVE, "max_steps": Range(-1),
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY, "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "label_smoothing_factor": PROBABILITY,
+    "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": POSITIVE,
+    "seed": NON_NEGATIVE, "data_seed": NON_NEGATIVE, "dataloader_num_workers": NON_NEGATIVE,
+}
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Apply flag aliases; drop the launchers' extras (`--local_rank N`, a bare `--deepspeed`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        bare = not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        if name in ("--local_rank", "--local-rank"):
+            i += 1 if eq or bare else 2
+            continue
+        if not (name == "--deepspeed" and bare):
+            out.append(_ALIASES.get(name, name) + eq + value)
+        i += 1
+    return out
+
+
+def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
+    """Parse and check the flags and the tracking environment; raises InputError with a one-line
+    reason. Nothing is loaded or written."""
+    import torch
+    from transformers import TrainingArguments
+
+    from databricks_llm import runtime, tracking, validation
+
+    parser = validation.argument_parser((*GROUPS, TrainingArguments), description=description)
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
+    namespace, unknown = parser.parse_known_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
+    runtime.check_precision(namespace.fp16, namespace.bf16)
+    values = vars(namespace)
+    data, model, job = (group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)}) for group in GROUPS)
+    if job.early_stopping_patience:
+        if values["eval_strategy"] == "no":
+            raise InputError("--early_stopping_patience needs evaluations: set --eval_strategy=steps or epoch")
+        values["load_best_model_at_end"] = True
+    try:
+        training = TrainingArguments(**values)
+    except ValueError as err:
+        raise InputError(first_line(err)) from None
+    model.tokenizer = model.tokenizer or model.model
+    job.final_model_output_path = job.final_model_output_path or str(Path(training.output_dir) / "final_model")
+    for group in (data, model, job, training):
+        validation.check_ranges(group, RANGES)
+    validation.check_writable(training.output_dir, "--output_dir")  # before the tracking defaults use it
+    config = JobConfig(data, model, job, training, tracking.TrackingSettings.from_env(training.output_dir))
+    _check(config)
+    if training.resume_from_checkpoint:
+        config.training = dataclasses.replace(
+            training, resume_from_checkpoint=resume_checkpoint(training.resume_from_checkpoint, training.output_dir))
+    _check_model(config)
+    return config
+
+
+def _check(config: JobConfig) -> None:
+    """What can be checked before a model or dataset is loaded and before anything is written."""
+    from databricks_llm import data, models, runtime, tracking, validation
+
+    model, training = config.model, config.training
+    if model.use_4bit:
+        if not model.use_lora:
+            raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
+        runtime.check_4bit()
+    if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
+        raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
+    tracking.check_report_to(training.report_to)
+    if config.job.deepspeed_config:
+        runtime.check_deepspeed_config(config.job.deepspeed_config, training)
+    validation.check_writable(config.job.final_model_output_path, "--final_model_output_path")
+    models.check_source(model.model)
+    models.check_source(model.tokenizer, "tokenizer")
+    data.check_source(config.data.dataset)
+
+
+def _check_model(config: JobConfig) -> None:
+    """The model's architecture against the LoRA settings and a resume checkpoint (meta device)."""
+    from databricks_llm import models
+
+    model = config.model
+    lora = dict(r=model.lora_r, lora_alpha=model.lora_alpha, lora_dropout=model.lora_dropout,
+                target_modules=model.lora_target_modules) if model.use_lora else None
+    models.check_model(model.model, lora=lora, checkpoint=config.training.resume_from_checkpoint,
+                       trust_remote_code=model.trust_remote_code)
+
+
+def resume_checkpoint(value: str, output_dir: str) -> str:
+    """`true` means the newest checkpoint in --output_dir; a path must be a complete checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value.lower() == "true":
+        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no checkpoint")
+        value = found
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no trainer_state.json)")
+    return value
