@@ -29,8 +29,8 @@ from mlflow.types import ColSpec, Schema
 
 from databricks_llm import runtime, validation
 from databricks_llm.errors import InputError, first_line
-from databricks_llm.runtime import Process
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
+from databricks_llm.runtime import Process
 
 DEFAULT_EXPERIMENT = "databricks_llm"
 # MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed

@@ -1,16 +1,19 @@
-"""Shared fixtures: a tiny random Llama + a BPE tokenizer trained on the embedded sample.
+"""Shared fixtures: a tiny random Llama + a BPE tokenizer trained on the embedded sample, one
+tracked fine-tuning job on it for the tests that only read a job's results, and MLflow isolation.
 
-Everything is built locally (no hub), in seconds, once per test session.
+Everything is built locally (no hub), once per test session.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,13 +76,66 @@ def tiny_tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(autouse=True)
+def isolated_mlflow(monkeypatch):
+    """Every test starts with no MLflow or Databricks target in its environment, whatever the shell
+    or an earlier test set (`mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI); subprocesses
+    it starts inherit only what the test itself sets."""
+    for name in [n for n in os.environ if n.startswith(("MLFLOW_", "DATABRICKS_"))]:
+        monkeypatch.delenv(name)
+    yield
+    for name in [n for n in os.environ if n.startswith(("MLFLOW_", "DATABRICKS_"))]:
+        del os.environ[name]  # set during the test; monkeypatch then restores the shell's own
+
+
 def run_module(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m databricks_llm.fine_tune` (or another launcher) as users do."""
     command = (launcher or [sys.executable, "-m"]) + list(args)
-    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow.set_tracking_uri sets it
-    full_env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+FAKE_SECRETS = {"DATABRICKS_TOKEN": "dapi-fake-secret-0001", "HF_TOKEN": "hf_fakeSecret0002",
+                "MY_SERVICE_PASSWORD": "pw-fake-secret-0003"}
+QUICK_JOB = ["--max_train_samples=16", "--per_device_train_batch_size=4", "--logging_steps=1", "--disable_tqdm=true"]
+
+
+@dataclass(frozen=True)
+class TrainedJob:
+    """A finished tracked job: its output folder, store, run and what it printed."""
+
+    out: Path
+    store: str
+    run_id: str
+    result: subprocess.CompletedProcess
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def trained_job(tiny_model, tmp_path_factory) -> TrainedJob:
+    """One LoRA job on the tiny model, 4 steps with a save and an evaluation (slot scores included)
+    every 2, gradient checkpointing and a merged final model, tracked in a local store under a named
+    experiment with user tags and fake secrets in its environment. Read it through `job`."""
+    out = tmp_path_factory.mktemp("trained-job")
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    env = {**FAKE_SECRETS, "DATABRICKS_HOST": "https://example.invalid", "MLFLOW_TRACKING_URI": store,
+           "MLFLOW_TAGS": json.dumps({"team": "nlp"}), "MLFLOW_EXPERIMENT_NAME": "spec",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={out}", *QUICK_JOB,
+                        "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--eval_generation_samples=4",
+                        "--gradient_checkpointing=true", "--merge_adapter=true", "--run_name=spec-run", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrainedJob(out, store, (out / "mlflow_run_id").read_text().strip(), result, env)
+
+
+@pytest.fixture
+def job(trained_job) -> TrainedJob:
+    """The session's trained job, with MLflow pointed at its store for this test."""
+    import mlflow
+
+    mlflow.set_tracking_uri(trained_job.store)
+    return trained_job
 
 
 def free_port() -> int:
@@ -102,8 +158,7 @@ def wait_for(url: str, process: subprocess.Popen, seconds: int = 120) -> None:
 
 def start(command: list[str], health: str, log: Path) -> subprocess.Popen:
     """Start a server in its own process group and wait until `health` answers."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(health, process)
     return process
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 
 from conftest import REPO, run_module
@@ -94,10 +98,32 @@ def test_help_documents_project_and_original_flags():
         assert flag in result.stdout
 
 
-def test_unreachable_tracking_server_fails_fast_before_the_model_loads(tiny_model, tmp_path):
-    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}",
-                        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=300)
+def test_unreachable_tracking_server_is_given_up_after_one_retry_before_the_model_loads(tiny_model, tmp_path):
+    """"Fast" counted in contacts, not seconds: a server that drops every connection is tried at
+    most twice (the request and one retry), then the job refuses, before any weights load."""
+    contacts, stop = [], threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(0.2)
+
+        def drop_connections() -> None:
+            while not stop.is_set():
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    continue
+                contacts.append(time.monotonic())
+                connection.close()
+
+        thread = threading.Thread(target=drop_connections, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}",
+                            env={"MLFLOW_TRACKING_URI": url}, timeout=300)
+        stop.set()
+        thread.join()
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: MLflow tracking at http://127.0.0.1:9 is not usable")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking at {url} is not usable")
+    assert 1 <= len(contacts) <= 2, contacts
     assert "Loading weights" not in result.stderr

@@ -21,8 +21,7 @@ def start_job(model, out, *flags: str, env: dict | None = None) -> subprocess.Po
     command = [sys.executable, "-m", "databricks_llm.fine_tune", f"--model={model}", f"--output_dir={out}",
                "--max_steps=40", "--save_steps=5", "--eval_strategy=no", "--logging_steps=1",
                "--max_train_samples=16", "--per_device_train_batch_size=4", "--disable_tqdm=true", *flags]
-    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen(command, cwd=REPO, env={**base, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1", **(env or {})},
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -5,7 +5,6 @@ dbutils: widgets and job task values; no real workspace was used)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -60,9 +59,8 @@ def execute(notebook: str, output: Path, cwd: Path, parameters: dict | None = No
 
 
 @pytest.mark.slow
-def test_run_all_from_the_notebooks_folder_of_a_fresh_clone(tiny_model, tmp_path, monkeypatch):
+def test_run_all_from_the_notebooks_folder_of_a_fresh_clone(tiny_model, tmp_path):
     """Jupyter/Databricks: kernel in notebooks/, default (relative) paths, nothing pip-installed there."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     clone = tmp_path / "clone"
     for part in ("databricks_llm", "notebooks", "ds_configs"):
         shutil.copytree(REPO / part, clone / part, ignore=shutil.ignore_patterns("__pycache__"))
@@ -91,12 +89,11 @@ def test_papermill_cli_runs_each_notebook_with_a_params_file_from_any_folder(tin
     params = [{**common, "model": str(tiny_model)},
               {**common, "model": str(tiny_model), "launcher": "python", **TINY_JOB},
               {**common, "base_model": str(tiny_model), **TINY_EVAL}]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     for notebook, values in zip(CHAIN, params):
         (elsewhere / "params.yaml").write_text(yaml.safe_dump(values))
         result = subprocess.run([PAPERMILL, str(NOTEBOOKS / notebook), f"out-{notebook}", "-f", "params.yaml",
                                  "--cwd", str(elsewhere), "--kernel", "python3", "--no-progress-bar"],
-                                cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+                                cwd=elsewhere, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
     assert (volume / "outputs" / "checkpoints" / "checkpoint-2").is_dir()
     assert "[launch] python: launcher=python as set" in outputs_text(elsewhere / f"out-{CHAIN[1]}")
@@ -156,7 +153,6 @@ dbutils = DBUtils(widgets=json.loads(os.environ["DOUBLE_WIDGETS"]), store=__impo
 def test_databricks_job_tasks_hand_over_data_run_and_checkpoint_through_task_values(tiny_model, tmp_path, monkeypatch):
     """Each notebook as a task of one job: parameters arrive as widgets (the bundle's
     base_parameters), results leave as task values; `dbutils` is in the namespace as on Databricks."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     startup = tmp_path / "ipython" / "profile_default" / "startup"
     startup.mkdir(parents=True)
     store = tmp_path / "task_values.json"
@@ -186,7 +182,6 @@ def test_fine_tune_notebook_can_train_through_spark(tiny_model, tmp_path, monkey
     from databricks_llm.data import EMBEDDED_DATASET
 
     monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # an earlier test's server, set by mlflow.set_tracking_uri
     job = tmp_path / "job"
     execute(CHAIN[1], tmp_path / "out.ipynb", REPO, {
         "model": str(tiny_model), "dataset": EMBEDDED_DATASET, "output_dir": str(job), "spark_processes": 2,

@@ -50,17 +50,21 @@ def test_bad_requests_are_refused_with_the_reason(request_, message):
         parse_request(request_)
 
 
-def test_predict_returns_one_string_per_row_in_order(served):
-    out = served.predict(None, [{"prompt": "Aromi is a pub.", "max_tokens": 3},
-                                {"prompt": "Zizzi is a cheap restaurant.", "max_tokens": 5, "temperature": 0.7},
-                                {"prompt": "Aromi is a pub.", "max_tokens": 3}])
-    assert len(out) == 3 and all(isinstance(t, str) for t in out)
-    assert out[0] == out[2]  # greedy is deterministic, whatever the batch it ran in
+def test_predict_returns_each_rows_own_answer_in_request_order(served):
+    rows = [{"prompt": "Aromi is a pub.", "max_tokens": 8}, {"prompt": "Zizzi is a cheap restaurant near Avalon.", "max_tokens": 8},
+            {"prompt": "The Punter is an expensive coffee shop.", "max_tokens": 6}]
+    alone = [served.predict(None, row)[0] for row in rows]
+    assert served.predict(None, rows) == alone
+    assert served.predict(None, rows[::-1]) == alone[::-1]
 
 
-def test_a_100kb_prompt_is_truncated_not_fatal(served):
-    (out,) = served.predict(None, {"prompt": "Aromi is a pub. " * 6400, "max_tokens": 2})
-    assert isinstance(out, str)
+def test_a_100kb_prompt_is_cut_to_the_sentence_cap(served):
+    from databricks_llm.generation import MAX_SENTENCE_CHARS
+
+    head = "Aromi is a pub. " * (MAX_SENTENCE_CHARS // 16)
+    long = head[:MAX_SENTENCE_CHARS] + "Zizzi is a cheap restaurant. " * 3500  # 100 KB past the cap
+    assert len(long) > 100_000
+    assert served.predict(None, {"prompt": long, "max_tokens": 4}) == served.predict(None, {"prompt": head[:MAX_SENTENCE_CHARS], "max_tokens": 4})
 
 
 def test_model_loads_whole_in_one_process_while_a_zero3_job_is_live(tiny_model):

@@ -1,4 +1,5 @@
-"""One tracked job on the tiny model, logging to a local SQLite store, checked from the outside."""
+"""One tracked job on the tiny model (the session's `job`), logging to a local SQLite store,
+checked from the outside; plus resume and the tracking settings read from the environment."""
 
 from __future__ import annotations
 
@@ -8,53 +9,29 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 
-from conftest import run_module
-from databricks_llm import data
-
-FAKE_SECRETS = {"DATABRICKS_TOKEN": "dapi-fake-secret-0001", "HF_TOKEN": "hf_fakeSecret0002",
-                "MY_SERVICE_PASSWORD": "pw-fake-secret-0003"}
+from conftest import FAKE_SECRETS, QUICK_JOB, run_module
+from databricks_llm import data, tracking
 
 
-def tracked_job(model: Path, out: Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = run_module(
-        "databricks_llm.fine_tune", f"--model={model}", f"--output_dir={out}", "--max_train_samples=16",
-        "--per_device_train_batch_size=4", "--logging_steps=1", "--save_steps=2", "--eval_steps=2",
-        "--disable_tqdm=true", *flags,
-        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
-             **(env or {})},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def job(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracked")
-    store = f"sqlite:///{out / 'mlflow.db'}"
-    result = tracked_job(tiny_model, out, "--max_steps=4", "--run_name=spec-run",
-                         env={**FAKE_SECRETS, "DATABRICKS_HOST": "https://example.invalid", "MLFLOW_TRACKING_URI": store,
-                              "MLFLOW_TAGS": json.dumps({"team": "nlp"}), "MLFLOW_EXPERIMENT_NAME": "spec"})
-    mlflow.set_tracking_uri(store)
-    run = mlflow.get_run((out / "mlflow_run_id").read_text().strip())
-    return out, run, result
+def training_run(job):
+    return mlflow.get_run(job.run_id)
 
 
 def history(run, key: str) -> list[int]:
     return [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)]
 
 
-def test_exactly_one_finished_run_in_the_named_experiment(job):
-    _, run, _ = job
+def test_exactly_one_finished_training_run_in_the_named_experiment(job):
+    run = training_run(job)
     experiment = mlflow.get_experiment_by_name("spec")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert [r.info.run_id for r in runs if r.data.tags.get("kind") != "evaluation"] == [run.info.run_id]
     assert run.info.status == "FINISHED" and run.info.run_name == "spec-run"
 
 
 def test_params_hold_training_model_lora_and_data_facts(job):
-    params = job[1].data.params
+    params = training_run(job).data.params
     assert params["learning_rate"] == "0.0002"
     assert params["lora_r"] == "8" and params["use_lora"] == "True"
     assert params["hidden_size"] == "32"
@@ -63,37 +40,38 @@ def test_params_hold_training_model_lora_and_data_facts(job):
 
 
 def test_tags_name_model_task_and_user_tags(job):
-    tags = job[1].data.tags
+    tags = training_run(job).data.tags
     assert tags["task"] == "e2e-mr-extraction" and tags["team"] == "nlp" and tags["model"]
 
 
 def test_metrics_are_logged_at_their_steps(job):
-    run = job[1]
+    run = training_run(job)
     assert history(run, "loss") == [1, 2, 3, 4]
     assert history(run, "eval_loss") == [2, 4]
     assert history(run, "learning_rate") == [1, 2, 3, 4]
 
 
 def test_system_metrics_are_logged(job):
-    assert any(k.startswith("system/cpu_utilization") for k in job[1].data.metrics)
-    assert any(k.startswith("system/system_memory") for k in job[1].data.metrics)
+    metrics = training_run(job).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics)
+    assert any(k.startswith("system/system_memory") for k in metrics)
 
 
 def test_training_data_is_a_run_input_with_digest(job):
-    inputs = {i.dataset.name: i.dataset for i in job[1].inputs.dataset_inputs}
+    inputs = {i.dataset.name: i.dataset for i in training_run(job).inputs.dataset_inputs}
     assert {"embedded:e2e-sample:train", "embedded:e2e-sample:validation"} <= set(inputs)
     assert all(d.digest for d in inputs.values())
 
 
 def test_one_logged_model_per_save_plus_the_final_model(job):
-    run = job[1]
+    run = training_run(job)
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert sorted(m.name for m in models) == ["checkpoint-2", "checkpoint-4", "final_model"]
     assert all(m.source_run_id == run.info.run_id for m in models)
 
 
 def test_checkpoint_model_is_adapter_only_and_small(job):
-    out, run, _ = job
+    run = training_run(job)
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoint-4"))
     files = {p.name for p in (local / "artifacts" / "model").iterdir()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
@@ -102,7 +80,7 @@ def test_checkpoint_model_is_adapter_only_and_small(job):
 
 
 def test_checkpoint_loads_in_a_fresh_process_with_the_training_logits(job, tmp_path):
-    out, run, _ = job
+    out, run = job.out, training_run(job)
     script = f"""
 import mlflow, torch
 from peft import AutoPeftModelForCausalLM
@@ -122,7 +100,7 @@ with torch.no_grad():
 
 
 def test_models_uri_loads_the_same_logged_model(job):
-    run = job[1]
+    run = training_run(job)
     (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
                 if m.name == "checkpoint-2"]
     served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
@@ -130,7 +108,7 @@ def test_models_uri_loads_the_same_logged_model(job):
 
 
 def test_model_signature_and_example_match_the_seed_call(job):
-    run = job[1]
+    run = training_run(job)
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/final_model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["prompt", "temperature", "max_tokens"]
     assert info.metadata["task"] == "llm/v1/completions"
@@ -141,35 +119,44 @@ def test_model_signature_and_example_match_the_seed_call(job):
 
 
 def test_requirements_are_pinned_and_skip_torchvision(job):
-    run = job[1]
+    run = training_run(job)
     requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoint-2/requirements.txt")).read_text()
     assert "torchvision" not in requirements
     assert "peft==" in requirements and "transformers==" in requirements
 
 
 def test_tensorboard_events_are_uploaded(job):
-    run = job[1]
+    run = training_run(job)
     files = [f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tensorboard")]
     assert any("events.out.tfevents" in f for f in files)
 
 
 def test_no_secret_reaches_params_tags_artifacts_store_or_output(job):
-    out, run, result = job
+    out, run, result = job.out, training_run(job), job.result
     haystacks = [json.dumps(run.data.params), json.dumps(run.data.tags), result.stdout, result.stderr]
     haystacks += [p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file()]
     for secret in FAKE_SECRETS.values():
         assert not any(secret in h for h in haystacks), secret
 
 
-def test_resume_continues_the_same_run_without_duplicate_steps(tiny_model, tmp_path):
+def test_resume_continues_the_same_run_from_its_checkpoint_without_duplicate_steps(tiny_model, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"MLFLOW_TRACKING_URI": store}
-    tracked_job(tiny_model, tmp_path, "--max_steps=4", "--eval_strategy=no", env=env)
+
+    def fine_tune(*flags: str) -> subprocess.CompletedProcess:
+        result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}", *QUICK_JOB,
+                            "--save_steps=2", "--eval_strategy=no", *flags, env={"MLFLOW_TRACKING_URI": store})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    fine_tune("--max_steps=4")
     first = (tmp_path / "mlflow_run_id").read_text()
     import shutil
 
     shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed after checkpoint-2, with steps 3-4 already logged
-    tracked_job(tiny_model, tmp_path, "--max_steps=6", "--eval_strategy=no", "--resume_from_checkpoint=true", env=env)
+    resumed = fine_tune("--max_steps=6", "--resume_from_checkpoint=true")
+    assert f"[resume] continuing from {tmp_path / 'checkpoint-2'} (step 2)" in resumed.stdout
+    state = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
     mlflow.set_tracking_uri(store)
     run = mlflow.get_run(first)
     assert (tmp_path / "mlflow_run_id").read_text() == first
@@ -178,9 +165,23 @@ def test_resume_continues_the_same_run_without_duplicate_steps(tiny_model, tmp_p
     assert run.info.status == "FINISHED"
 
 
-def test_hf_mlflow_log_artifacts_false_turns_checkpoint_models_off(tiny_model, tmp_path):
-    tracked_job(tiny_model, tmp_path, "--max_steps=2", "--eval_strategy=no", env={"HF_MLFLOW_LOG_ARTIFACTS": "false"})
+def test_settings_are_read_once_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "false")
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "nlp"}')
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "spec")
+    settings = tracking.TrackingSettings.from_env(str(tmp_path))
+    assert (settings.log_checkpoints, settings.tags, settings.experiment) == (False, {"team": "nlp"}, "spec")
+    assert settings.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert settings.tensorboard_dir == str(tmp_path / "tensorboard")
+
+
+def test_hf_mlflow_log_artifacts_false_logs_no_checkpoint_model(tmp_path):
+    from types import SimpleNamespace
+
+    from databricks_llm.callbacks import MLflowLogger
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.get_run((tmp_path / "mlflow_run_id").read_text())
-    names = [m.name for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")]
-    assert names == ["final_model"]
+    with mlflow.start_run() as run:
+        MLflowLogger(log_checkpoints=False).on_save(SimpleNamespace(output_dir=str(tmp_path)),
+                                                   SimpleNamespace(global_step=2), SimpleNamespace())
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
