@@ -9,7 +9,6 @@ transformers); each test then checks one case's result.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
