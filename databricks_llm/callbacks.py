@@ -9,6 +9,7 @@ import mlflow
 from transformers import TrainerCallback
 
 from databricks_llm import tracking
+from databricks_llm.runtime import Stop
 
 
 class MLflowLogger(TrainerCallback):
@@ -38,3 +39,23 @@ class MLflowLogger(TrainerCallback):
         name = f"checkpoint-{state.global_step}"
         tracking.survive(f"logging {name} as a model",
                          lambda: tracking.log_model_folder(Path(args.output_dir) / name, name=name, step=state.global_step))
+
+
+class StopOnSignal(TrainerCallback):
+    """Where a signal received during training takes effect: between steps (see `runtime.Stop`)."""
+
+    def __init__(self, stop: Stop) -> None:
+        self.stop = stop
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.deferring = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.check()
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.check()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop.deferring = False
+        self.stop.check()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ if not __package__:  # run as a file: import this package, not its modules as to
 
 from databricks_llm import config as job_config  # noqa: E402
 from databricks_llm import data, models, outputlock, runtime, tracking  # noqa: E402
-from databricks_llm.callbacks import MLflowLogger  # noqa: E402
+from databricks_llm.callbacks import MLflowLogger, StopOnSignal  # noqa: E402
 from databricks_llm.config import JobConfig  # noqa: E402
 from databricks_llm.errors import exit_code  # noqa: E402
 
-EXIT_SECONDS = 120  # after the job ends, a stuck background thread may hold the process this long at most
+EXIT_SECONDS = 120  # after the job ends, or a signal, a stuck thread may hold the process this long at most
+STOP = runtime.Stop(EXIT_SECONDS)
 
 
 class FineTuneJob:
@@ -131,7 +131,7 @@ class FineTuneJob:
         from transformers import EarlyStoppingCallback
         from transformers.integrations import TensorBoardCallback
 
-        callbacks: list = []
+        callbacks: list = [StopOnSignal(STOP)]
         if run is not None:
             callbacks.append(MLflowLogger(run.skip_until_step, self.config.tracking.log_checkpoints))
         if self.process.is_main and "tensorboard" in self.config.training.report_to:
@@ -159,14 +159,10 @@ class FineTuneJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: exit 2 with one line on bad input, before heavy work starts."""
-    signal.signal(signal.SIGTERM, _terminated)
+    """CLI entry point: exit 2 with one line on bad input, before heavy work starts; SIGTERM and
+    Ctrl-C end the run KILLED and release the output folder (`runtime.Stop`)."""
+    STOP.install()
     return exit_code(lambda: FineTuneJob(job_config.parse(argv, __doc__.split("\n")[0])).run())
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM unwinds like Ctrl-C, so that the MLflow run is marked KILLED and the lock released."""
-    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

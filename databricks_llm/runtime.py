@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -159,6 +160,45 @@ def _first_problem(err: Exception) -> str:
         first = err.errors()[0]
         return f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
     return first_line(err)
+
+
+class Stop:
+    """SIGTERM and Ctrl-C, handled so that a job always ends, and ends its MLflow run.
+
+    An exception raised from a signal handler lands wherever the main thread happens to be, and
+    can leave a library lock held (seen: the `logging` module's, after which ending the MLflow run
+    waited forever on the system-metrics thread). So while `deferring` (the training loop), the
+    first signal is only recorded, and `check()` raises at the next step boundary; elsewhere, and
+    on a second signal, the job unwinds at once. Either way the process is gone `seconds` after
+    the first signal (`exit_within`).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.signum, self.deferring = seconds, None, False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            exit_within(self.seconds, 128 + signum)
+            self.signum = signum
+            if self.deferring:
+                return
+        self._raise(signum)
+
+    def check(self) -> None:
+        """At a safe point: unwind if a signal came (KILLED run; exit 143 or 130)."""
+        if self.signum is not None:
+            print(f"[stop] {signal.Signals(self.signum).name}: stopping after step", flush=True)
+            self._raise(self.signum)
+
+    @staticmethod
+    def _raise(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
 
 
 def exit_within(seconds: float, code: int) -> None:
