@@ -61,11 +61,11 @@ ENVIRONMENT = {
     "MLFLOW_FLATTEN_PARAMS": validation.boolean,
     "HF_MLFLOW_LOG_ARTIFACTS": validation.boolean,
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": validation.boolean,
-    "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": validation.positive_int,
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": validation.non_negative_int,
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": validation.positive_int,
-    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": validation.positive_number,
-    "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": validation.positive_int,
+    "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": validation.number(int, validation.POSITIVE),
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": validation.number(int, validation.NON_NEGATIVE),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": validation.number(int, validation.POSITIVE),
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": validation.number(float, validation.POSITIVE),
+    "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": validation.number(int, validation.POSITIVE),
     "TENSORBOARD_LOGGING_DIR": validation.writable_dir,
 }
 END_RUN_SECONDS = 60  # ending a run flushes buffered metrics; a dead server must not hold the job

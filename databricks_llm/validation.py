@@ -87,25 +87,15 @@ def check_ranges(values: Any, ranges: Mapping[str, Range]) -> None:
             raise InputError(f"--{f.name} must be {valid or 'finite'} (got {value})")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
-    return value
+def number(kind: type, valid: Range) -> Callable[[str], float]:
+    """A parser of `kind` (int or float) text that `valid` accepts: for environment variables."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value not in valid:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'} {valid}")
+        return value
 
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be an integer >= 0")
-    return value
-
-
-def positive_number(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError("must be a positive number")
-    return value
+    return parse
 
 
 def json_object(text: str) -> dict:

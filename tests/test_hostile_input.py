@@ -163,7 +163,7 @@ CASES = [
     Case("mlflow_tags_array", [], "must be a JSON object", env={"MLFLOW_TAGS": "[1, 2]"}),
     Case("async_buffering_not_a_number", [], "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS='abc' is not valid",
          env={"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "abc"}),
-    Case("async_buffering_negative", [], "must be a positive integer", env={"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "-5"}),
+    Case("async_buffering_negative", [], "must be an integer > 0", env={"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "-5"}),
     Case("http_timeout_not_int", [], "MLFLOW_HTTP_REQUEST_TIMEOUT='soon'", env={"MLFLOW_HTTP_REQUEST_TIMEOUT": "soon"}),
     Case("bool_env_unrecognised", [], "MLFLOW_NESTED_RUN='maybe' is not valid", env={"MLFLOW_NESTED_RUN": "maybe"}),
     Case("system_metrics_flag_unrecognised", [], "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
