@@ -20,6 +20,8 @@ from typing import Any
 if not __package__:  # run as a file: import this package, not its modules as top-level names
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import datasets  # noqa: E402
+
 from databricks_llm import config as job_config  # noqa: E402
 from databricks_llm import data, models, outputlock, runtime, tracking  # noqa: E402
 from databricks_llm.callbacks import MLflowLogger, StopOnSignal  # noqa: E402
@@ -31,8 +33,8 @@ STOP = runtime.Stop(EXIT_SECONDS)
 
 
 class FineTuneJob:
-    """The job as a recipe: `prepare_data()`, then inside the job's MLflow run `setup()` ->
-    `train()` -> `finish()`. `run()` does all four; each step can be called alone (benchmarks)."""
+    """The job as a recipe (torchtune's shape): `prepare_data()`, then, inside the output folder's
+    lock and the job's MLflow run, `setup()` -> `train()` -> `finish()`. `run()` does all four."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
@@ -53,8 +55,6 @@ class FineTuneJob:
 
     def prepare_data(self) -> None:
         """Tokenizer, the splits (capped by --max_*_samples) and their token ids; main process first."""
-        import datasets
-
         settings, model = self.config.data, self.config.model
         datasets.disable_progress_bars()
         self.tokenizer = models.load_tokenizer(model.tokenizer, model.trust_remote_code)
