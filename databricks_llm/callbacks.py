@@ -1,4 +1,4 @@
-"""The MLflow side of training: step metrics into the job's run, each checkpoint as a model."""
+"""Trainer callbacks: step metrics and checkpoints into the job's MLflow run, and where a stop signal takes effect."""
 
 from __future__ import annotations
 
