@@ -219,16 +219,11 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
     return tokenized.remove_columns("truncated")
 
 
-def padded(rows: list[list[int]], value: int, left: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """`rows` padded with `value` to the longest one, on the left or the right, and their attention
-    masks (1 for a real token, 0 for padding): the one padding rule of training and generation."""
+def padded(rows: list[list[int]], value: int, left: bool) -> list[list[int]]:
+    """`rows` padded with `value` to the longest one, on the left or the right: the one padding
+    rule of training and generation (attention masks are the same rule on rows of ones)."""
     width = max(map(len, rows))
-    out, mask = [], []
-    for row in rows:
-        gap, ones = [value] * (width - len(row)), [1] * len(row)
-        out.append(gap + row if left else row + gap)
-        mask.append([0] * len(gap) + ones if left else ones + [0] * len(gap))
-    return out, mask
+    return [[value] * (width - len(row)) + row if left else row + [value] * (width - len(row)) for row in rows]
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
@@ -241,8 +236,10 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
     prompt, whose labels are -100: same loss, less work. Position ids keep each row counting from 0.
     """
     width = max(len(f["input_ids"]) for f in features)
-    ids, mask = padded([f["input_ids"] for f in features], pad_token_id, left=target_logits_only)
-    labels, _ = padded([f["labels"] for f in features], -100, left=target_logits_only)
+    rows = [f["input_ids"] for f in features]
+    ids = padded(rows, pad_token_id, left=target_logits_only)
+    mask = padded([[1] * len(row) for row in rows], 0, left=target_logits_only)
+    labels = padded([f["labels"] for f in features], -100, left=target_logits_only)
     batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
     if target_logits_only:
         keep = min(width, 1 + max(len(f["labels"]) - _first_target(f["labels"]) for f in features))  # +1: the logit before

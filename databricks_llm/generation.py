@@ -42,7 +42,8 @@ def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: in
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         chunk = [prompts[i] for i in rows]
-        ids, mask = (torch.tensor(t, device=device) for t in padded(chunk, pad, left=True))
+        ids = torch.tensor(padded(chunk, pad, left=True), device=device)
+        mask = torch.tensor(padded([[1] * len(p) for p in chunk], 0, left=True), device=device)
         width = ids.shape[1]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
