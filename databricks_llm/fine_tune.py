@@ -34,7 +34,8 @@ STOP = runtime.Stop(EXIT_SECONDS)
 
 class FineTuneJob:
     """The job as a recipe (torchtune's shape): `prepare_data()`, then, inside the output folder's
-    lock and the job's MLflow run, `setup()` -> `train()` -> `finish()`. `run()` does all four."""
+    lock and the job's MLflow run, `setup()` -> `train()` -> `finish()`, then every rank leaves the
+    process group together. `run()` does it all."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
@@ -52,6 +53,7 @@ class FineTuneJob:
             self.setup(run)
             self.train()
             self.finish(run)
+        runtime.leave()
 
     def prepare_data(self) -> None:
         """Tokenizer, the splits (capped by --max_*_samples) and their token ids; main process first."""

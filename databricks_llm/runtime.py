@@ -47,6 +47,15 @@ def init_process_group(use_deepspeed: bool) -> None:
         torch.distributed.init_process_group(backend=backend)
 
 
+def leave() -> None:
+    """End of a job that went well: wait for every rank (rank 0 is the last to finish, it logs the
+    final model), then close the process group, so no rank exits with its threads still running
+    (gloo aborts such a process: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Process:
     """This process's place in the job, computed once from what torchrun, deepspeed or Spark's
