@@ -1,7 +1,8 @@
 """The fine-tuning job's configuration: argument groups parsed by one parser, checked up front.
 
-As in TRL's scripts, each group is a dataclass: `DataArguments`, `ModelArguments`, `JobArguments`
-and transformers' `TrainingArguments` share one command line (flags unchanged since the seed
+As in TRL's scripts, each group is a dataclass: `DataArguments`, `task.Task` (the extraction
+task's columns, instruction and output format), `ModelArguments`, `JobArguments` and
+transformers' `TrainingArguments` share one command line (flags unchanged since the seed
 notebook), and `TrackingSettings` holds the environment, read once. `parse` returns them as one
 `JobConfig` after every check that needs no model or data loaded and writes nothing.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.models import EMBEDDED_MODEL
+from databricks_llm.task import Task
 from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
 
 
@@ -26,7 +28,7 @@ class DataArguments:
     max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
-    eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log slot F1 (0: off)."})
+    eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log the task's F1 and exact match (0: off)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
 
 
@@ -57,13 +59,14 @@ class JobConfig:
     """Everything one fine-tuning job is told, in one tree."""
 
     data: DataArguments
+    task: Task  # as given; `data.load` resolves it against the dataset
     model: ModelArguments
     job: JobArguments
     training: Any  # transformers.TrainingArguments
     tracking: Any  # tracking.TrackingSettings
 
 
-GROUPS = (DataArguments, ModelArguments, JobArguments)
+GROUPS = (DataArguments, Task, ModelArguments, JobArguments)
 # The seed notebook's defaults where they differ from TrainingArguments'.
 TRAINING_DEFAULTS = dict(
     output_dir="outputs/checkpoints", learning_rate=2e-4, num_train_epochs=1.0,
@@ -119,7 +122,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
         raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
     runtime.check_precision(namespace.fp16, namespace.bf16)
     values = vars(namespace)
-    data, model, job = (group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)}) for group in GROUPS)
+    data, task, model, job = (group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)}) for group in GROUPS)
     if job.early_stopping_patience:
         if values["eval_strategy"] == "no":
             raise InputError("--early_stopping_patience needs evaluations: set --eval_strategy=steps or epoch")
@@ -133,7 +136,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
     for group in (data, model, job, training):
         validation.check_ranges(group, RANGES)
     validation.check_writable(training.output_dir, "--output_dir")  # before the tracking defaults use it
-    config = JobConfig(data, model, job, training, tracking.TrackingSettings.from_env(training.output_dir))
+    config = JobConfig(data, task.checked(), model, job, training, tracking.TrackingSettings.from_env(training.output_dir))
     _check(config)
     if training.resume_from_checkpoint:
         config.training = dataclasses.replace(

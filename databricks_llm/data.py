@@ -1,13 +1,16 @@
-"""E2E data: loading from anywhere, the one prompt format, tokenization and batching.
+"""Datasets for an extraction task: loading from anywhere, columns, the one prompt builder,
+tokenization and batching.
 
-The task is extraction: a restaurant description in, its meaning representation (MR) such as
-``name[The Punter], eatType[coffee shop], food[Chinese]`` out. `build_prompts` is the single
-place the prompt is built; training, the pyfunc model and evaluation all call it.
+`load` reads a dataset into `input`/`output` columns and resolves the `task.Task` (columns,
+instruction, output format) against it. `build_prompts` is the single place the prompt is built;
+training, the pyfunc model and evaluation all call it with the task saved next to the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import os
 from collections.abc import Callable
 from functools import partial
@@ -20,14 +23,14 @@ import torch
 
 from databricks_llm import sample_data
 from databricks_llm.errors import InputError, first_line
+from databricks_llm.scoring import parse_json, parse_mr
+from databricks_llm.task import (E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS,
+                                 LEGACY_PROMPT_VERSION, Task)
 from databricks_llm.validation import looks_like_path
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
-PROMPT_VERSION = "v2"
-INSTRUCTION = (
-    "Extract the meaning representation of the restaurant description as comma-separated "
-    "slot[value] pairs."
-)
+TICKETS_DATASET = "embedded:support-tickets"
+INPUT, OUTPUT = "input", "output"  # the columns every loaded split has
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {
     "train": "train", "trainset": "train",
@@ -35,15 +38,19 @@ _SPLIT_ALIASES = {
     "dev": "validation", "devset": "validation", "devel": "validation",
     "test": "test", "testset": "test",
 }
-# The sentence column is `ref` in the original E2E CSVs, `human_reference` on the hub, `target` in GEM.
-_COLUMN_ALIASES = {"meaning_representation": "mr", "ref": "sentence", "human_reference": "sentence", "target": "sentence"}
+# Detected (input, output) column pairs, in order. E2E's sentence is `ref` in the original CSVs,
+# `human_reference` on the hub and `target` in GEM; its MR is `mr` or `meaning_representation`.
+E2E_INPUTS, E2E_OUTPUTS = ("sentence", "ref", "human_reference", "target"), ("mr", "meaning_representation")
+COLUMN_PAIRS = [(i, o) for i in E2E_INPUTS for o in E2E_OUTPUTS] + [("prompt", "completion"), ("input", "output"),
+                                                                     ("text", "label")]
+CHAT_COLUMN = "messages"
 _READERS = {
     ".csv": pd.read_csv,
     ".jsonl": lambda p: pd.read_json(p, lines=True),
     ".json": pd.read_json,
     ".parquet": pd.read_parquet,
 }
-_SENTINEL = "\x00SENTENCE\x00"
+_SENTINEL = "\x00INPUT\x00"
 
 
 def _split_of(filename: str) -> str | None:
@@ -53,6 +60,12 @@ def _split_of(filename: str) -> str | None:
         if part in _SPLIT_ALIASES:
             return _SPLIT_ALIASES[part]
     return None
+
+
+def _cell(value: Any) -> Any:
+    """A JSON object in a file cell stays one value (a JSON string): as an Arrow struct it would
+    gain every other row's keys as nulls."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
 
 
 def _read_table(path: Path) -> datasets.Dataset:
@@ -65,7 +78,11 @@ def _read_table(path: Path) -> datasets.Dataset:
         raise InputError(f"dataset file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise InputError(f"cannot read dataset file {path}: {first_line(err)}") from None
-    return datasets.Dataset.from_pandas(frame.astype(object).where(frame.notna(), None), preserve_index=False)
+    frame = frame.astype(object).where(frame.notna(), None).map(_cell)
+    try:
+        return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    except (TypeError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a column mixes types
+        raise InputError(f"cannot read dataset file {path}: {first_line(err, 200)}") from None
 
 
 def _load_local(path: Path) -> dict[str, datasets.Dataset]:
@@ -95,56 +112,172 @@ def _load_hub(name: str) -> dict[str, datasets.Dataset]:
     return {_SPLIT_ALIASES.get(k.lower(), k): v for k, v in loaded.items()}
 
 
-def _normalise(split: str, ds: datasets.Dataset, source: str) -> datasets.Dataset:
-    """Rename to the `mr`/`sentence` columns, drop the others and rows with an empty side."""
-    ds = ds.rename_columns({c: _COLUMN_ALIASES[c] for c in ds.column_names if c in _COLUMN_ALIASES and _COLUMN_ALIASES[c] not in ds.column_names})
-    if not {"mr", "sentence"} <= set(ds.column_names):
-        raise InputError(
-            f"dataset {source} split '{split}' needs columns mr and sentence (or E2E's ref, or "
-            f"meaning_representation/human_reference); found {', '.join(ds.column_names) or 'none'}"
-        )
-    ds = ds.select_columns(["mr", "sentence"])
-    text = datasets.Features({"mr": datasets.Value("string"), "sentence": datasets.Value("string")})
-    try:  # numbers (an int-typed parquet column) become text; nested values cannot
-        ds = ds if ds.features == text else ds.cast(text)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"dataset {source} split '{split}': mr/sentence must be text ({first_line(err, 200)})") from None
-    kept = ds.filter(lambda r: bool(str(r["mr"] or "").strip()) and bool(str(r["sentence"] or "").strip()))
+def _columns(names: list[str], task: Task, source: str, hint: bool = False) -> tuple[str, str]:
+    """The (input, output) columns: the task's, else the first detected pair, else a chat column.
+    With `hint`, task columns the dataset lacks are detected instead."""
+    if hint:
+        task = dataclasses.replace(task, **{k: None for k in ("input_column", "output_column") if getattr(task, k) not in names})
+    for flag, column in (("--input_column", task.input_column), ("--output_column", task.output_column)):
+        if column is not None and column not in names:
+            raise InputError(f"{flag}={column} is not a column of dataset {source} (found: {', '.join(names) or 'none'})")
+    if task.input_column == CHAT_COLUMN or (CHAT_COLUMN in names and not (task.input_column or task.output_column)
+                                            and not any(i in names and o in names for i, o in COLUMN_PAIRS)):
+        return CHAT_COLUMN, CHAT_COLUMN
+    inputs = [task.input_column] if task.input_column else [i for i, _ in COLUMN_PAIRS]
+    outputs = [task.output_column] if task.output_column else [o for _, o in COLUMN_PAIRS]
+    for i, o in [(i, o) for i, o in COLUMN_PAIRS if i in inputs and o in outputs] + [(i, o) for i in inputs for o in outputs]:
+        if i in names and o in names and i != o:
+            return i, o
+    raise InputError(
+        f"dataset {source}: cannot tell which columns hold input and target (found: {', '.join(names) or 'none'}); "
+        "name them with --input_column and --output_column (detected: sentence/ref + mr, prompt + completion, "
+        "input + output, text + label, or a chat messages column)")
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text: JSON for lists and objects (a JSON target), str() for numbers."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)) or hasattr(value, "tolist"):
+        return json.dumps(value.tolist() if hasattr(value, "tolist") else value, ensure_ascii=False)
+    return str(value)
+
+
+def _chat_row(messages: Any, where: str) -> dict[str, str]:
+    """A chat row: the last assistant message is the target, the user message before it the input,
+    system messages the instruction."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            raise InputError(f"{where}: messages is not a JSON list of {{role, content}} messages") from None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise InputError(f"{where}: messages must be a list of {{role, content}} messages with text content")
+    roles = [m.get("role") for m in messages]
+    turns = [r for r in roles[:-1] if r != "system"]
+    if not roles or roles[-1] != "assistant" or turns != ["user"]:
+        raise InputError(f"{where}: expected [system,] user, assistant messages (roles: {', '.join(map(str, roles))}); "
+                         "multi-turn chats are not supported")
+    system = "\n".join(m["content"] for m in messages if m.get("role") == "system")
+    return {INPUT: messages[roles.index("user")]["content"], OUTPUT: messages[-1]["content"], "system": system}
+
+
+def _normalise(split: str, ds: datasets.Dataset, source: str, columns: tuple[str, str]) -> datasets.Dataset:
+    """The `input`/`output` (and, for chats, `system`) text columns; rows with an empty side dropped."""
+    chat = columns[0] == CHAT_COLUMN
+
+    def convert(row: dict, index: int) -> dict[str, str | None]:
+        where = f"dataset {source} split '{split}' row {index}"
+        if chat:
+            return _chat_row(row[CHAT_COLUMN], where)
+        value = row[columns[0]]
+        if isinstance(value, (dict, list, tuple)):
+            raise InputError(f"{where}: input column {columns[0]} must hold text, not a {type(value).__name__}")
+        return {INPUT: _text(value), OUTPUT: _text(row[columns[1]])}
+
+    names = [INPUT, OUTPUT, "system"] if chat else [INPUT, OUTPUT]
+    ds = ds.map(convert, with_indices=True, remove_columns=ds.column_names,
+                features=datasets.Features({n: datasets.Value("string") for n in names}), desc="columns")
+    kept = ds.filter(lambda r: bool((r[INPUT] or "").strip()) and bool((r[OUTPUT] or "").strip()))
     if len(kept) < len(ds):
-        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty mr or sentence", flush=True)
+        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty input or target", flush=True)
     if len(kept) == 0:
         raise InputError(f"dataset {source} split '{split}' is empty")
     return kept
+
+
+def _detect_format(targets: list[str]) -> str:
+    if all(parse_json(t) is not None for t in targets):
+        return "json"
+    return "slots" if all(parse_mr(t) for t in targets) else "text"
+
+
+def _in_format(split: str, ds: datasets.Dataset, output_format: str, source: str) -> datasets.Dataset:
+    """Targets checked against the output format; JSON targets rewritten compactly (one spelling for
+    the model to learn), slot targets turned into JSON objects when the task asks for JSON."""
+    if output_format == "text":
+        return ds
+
+    def convert(row: dict, index: int) -> dict[str, str]:
+        target = row[OUTPUT]
+        if output_format == "slots":
+            if not parse_mr(target):
+                raise InputError(f"dataset {source} split '{split}' row {index}: target has no key[value] pair "
+                                 f"(--output_format=slots): {target[:80]!r}")
+            return {OUTPUT: target}
+        value = parse_json(target)
+        if value is None and parse_mr(target):
+            value = dict(parse_mr(target))
+        if value is None:
+            raise InputError(f"dataset {source} split '{split}' row {index}: target is not a JSON object "
+                             f"(--output_format=json): {target[:80]!r}")
+        return {OUTPUT: json.dumps(value, ensure_ascii=False)}
+
+    return ds.map(convert, with_indices=True, desc="targets")
+
+
+def _instruction(task: Task, columns: tuple[str, str], output_format: str, systems: set[str]) -> str:
+    """The instruction: given, else the chat rows' shared system message, else E2E's or a generic one."""
+    if task.instruction:
+        return task.instruction
+    if len(systems) > 1:
+        raise InputError(f"the chat rows carry {len(systems)} different system messages; "
+                         "give the one instruction for all with --instruction")
+    if systems and (system := next(iter(systems))):
+        return system
+    if columns[0] in E2E_INPUTS and columns[1] in E2E_OUTPUTS and output_format != "text":
+        return E2E_INSTRUCTION if output_format == "slots" else E2E_JSON_INSTRUCTION
+    return GENERIC_INSTRUCTIONS[output_format]
 
 
 def check_source(dataset: str) -> None:
     """Cheap check before anything is loaded: a path-like `--dataset` must exist and be a regular
     file or folder (not /dev/zero, a FIFO or a socket, which would be read forever)."""
     path = Path(dataset)
-    if dataset != EMBEDDED_DATASET and looks_like_path(dataset) and not path.exists():
+    if dataset not in EMBEDDED and looks_like_path(dataset) and not path.exists():
         raise InputError(f"dataset path {dataset} does not exist")
     if path.exists() and not (path.is_file() or path.is_dir()):
         raise InputError(f"--dataset {dataset} is not a regular file or folder")
 
 
-def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) -> datasets.DatasetDict:
-    """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder).
+EMBEDDED = {  # name: (rows generator, the task's defaults)
+    EMBEDDED_DATASET: (sample_data.generate, Task()),
+    TICKETS_DATASET: (sample_data.tickets, Task(instruction=sample_data.TICKETS_INSTRUCTION, output_format="json")),
+}
 
-    Returns train/validation/test splits with columns `mr` and `sentence`. A missing validation
-    split is a seeded `validation_fraction` hold-out of train; a missing test split reuses
-    validation.
+
+def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction: float = 0.05,
+         columns_hint: bool = False) -> tuple[datasets.DatasetDict, Task]:
+    """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder) for `task`.
+
+    Returns train/validation/test splits with text columns `input` and `output`, and the task with
+    its columns, instruction and output format resolved against the training split. A missing
+    validation split is a seeded `validation_fraction` hold-out of train; a missing test split
+    reuses validation. With `columns_hint` (a task saved with a model, read on another copy of
+    the data), the task's columns are used where the dataset has them and detected elsewhere.
     """
     check_source(dataset)
-    if dataset == EMBEDDED_DATASET:
-        raw = {s: datasets.Dataset.from_list(sample_data.generate(n, seed=i))
+    defaults = Task()
+    if dataset in EMBEDDED:
+        rows, defaults = EMBEDDED[dataset]
+        raw = {s: datasets.Dataset.from_list(rows(n, seed=i))
                for i, (s, n) in enumerate([("train", 400), ("validation", 50), ("test", 50)])}
     elif Path(dataset).exists():
         raw = _load_local(Path(dataset))
     else:
         raw = _load_hub(dataset)
-    splits = {k: _normalise(k, v, dataset) for k, v in raw.items() if k in SPLITS}
-    if "train" not in splits:
+    if "train" not in raw:
         raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
+    task = defaults.overridden_by(task)
+    columns = _columns(raw["train"].column_names, task, dataset, columns_hint)
+    splits = {k: _normalise(k, v, dataset, _columns(v.column_names, task, dataset, columns_hint))
+              for k, v in raw.items() if k in SPLITS}  # each split's own names: files may differ
+    systems = set(splits["train"]["system"]) if columns[0] == CHAT_COLUMN else set()
+    splits = {k: v.remove_columns("system") if "system" in v.column_names else v for k, v in splits.items()}
+    output_format = task.output_format or _detect_format(splits["train"][OUTPUT])
+    splits = {k: _in_format(k, v, output_format, dataset) for k, v in splits.items()}
+    task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=output_format,
+                               instruction=_instruction(task, columns, output_format, systems))
     if "validation" not in splits:
         try:
             held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
@@ -152,7 +285,7 @@ def load_e2e(dataset: str, seed: int = 42, validation_fraction: float = 0.05) ->
             raise InputError(f"--validation_fraction={validation_fraction}: {first_line(err, 200)}") from None
         splits["train"], splits["validation"] = held["train"], held["test"]
     splits.setdefault("test", splits["validation"])
-    return datasets.DatasetDict(splits)
+    return datasets.DatasetDict(splits), task
 
 
 def head(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
@@ -160,47 +293,50 @@ def head(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
     return split.select(range(min(n, len(split)))) if n else split
 
 
-def _prompt_parts(tokenizer: Any) -> tuple[str, str]:
-    """The text before and after the sentence, rendered once through the chat template if any.
+def _prompt_parts(tokenizer: Any, task: Task) -> tuple[str, str]:
+    """The text before and after the input, rendered once through the chat template if any.
 
     The instruction is the system message (it replaces long default system prompts such as
     SmolLM2's); templates that refuse a system role get it in the user message instead.
     """
+    instruction = task.instruction or E2E_INSTRUCTION
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": _SENTINEL}]
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": _SENTINEL}]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # jinja raises TemplateError from inside the template for unsupported roles
-            messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{_SENTINEL}"}]
+            messages = [{"role": "user", "content": f"{instruction}\n\n{_SENTINEL}"}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = f"### Instruction:\n{INSTRUCTION}\n\n### Description:\n{_SENTINEL}\n\n### Meaning representation:\n"
+        sections = (("Description", "Meaning representation") if task.prompt_version == LEGACY_PROMPT_VERSION
+                    else ("Input", "Output"))
+        text = f"### Instruction:\n{instruction}\n\n### {sections[0]}:\n{_SENTINEL}\n\n### {sections[1]}:\n"
         if tokenizer.bos_token:
             text = tokenizer.bos_token + text
     prefix, suffix = text.split(_SENTINEL)
     return prefix, suffix
 
 
-def build_prompts(tokenizer: Any, sentences: list[str]) -> list[str]:
-    """The full prompt texts (what the model sees before the MR): the one prompt builder."""
-    prefix, suffix = _prompt_parts(tokenizer)
-    return [prefix + s.strip() + suffix for s in sentences]
+def build_prompts(tokenizer: Any, inputs: list[str], task: Task = E2E) -> list[str]:
+    """The full prompt texts (what the model sees before its output): the one prompt builder."""
+    prefix, suffix = _prompt_parts(tokenizer, task)
+    return [prefix + s.strip() + suffix for s in inputs]
 
 
-def encode_prompts(tokenizer: Any, sentences: list[str]) -> list[list[int]]:
-    """Token ids of the prompts for `sentences`, as training, serving and evaluation see them."""
-    return tokenizer(build_prompts(tokenizer, sentences), add_special_tokens=False)["input_ids"]
+def encode_prompts(tokenizer: Any, inputs: list[str], task: Task = E2E) -> list[list[int]]:
+    """Token ids of the prompts for `inputs`, as training, serving and evaluation see them."""
+    return tokenizer(build_prompts(tokenizer, inputs, task), add_special_tokens=False)["input_ids"]
 
 
-def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: int) -> datasets.DatasetDict:
+def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: int, task: Task) -> datasets.DatasetDict:
     """Prompt + target ids with prompt labels masked (-100); the target ends with a learned EOS."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("the tokenizer has no EOS token; the model could not learn to stop")
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        prompts = encode_prompts(tokenizer, batch["sentence"])
-        targets = tokenizer([m.strip() for m in batch["mr"]], add_special_tokens=False)["input_ids"]
+        prompts = encode_prompts(tokenizer, batch[INPUT], task)
+        targets = tokenizer([t.strip() for t in batch[OUTPUT]], add_special_tokens=False)["input_ids"]
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
         for prompt, target in zip(prompts, targets):
             if len(prompt) >= max_seq_length:
@@ -212,7 +348,7 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
             out["truncated"].append(target[-1] != eos)
         return out
 
-    tokenized = ds.map(encode, batched=True, remove_columns=["mr", "sentence"], desc="tokenize")
+    tokenized = ds.map(encode, batched=True, remove_columns=[INPUT, OUTPUT], desc="tokenize")
     for split, part in tokenized.items():
         if n := sum(part["truncated"]):
             print(f"[data] {split}: {n} of {len(part)} targets truncated at --max_seq_length={max_seq_length}", flush=True)

@@ -1,12 +1,14 @@
-"""Score models on E2E extraction with slot-level precision/recall/F1.
+"""Score extraction models by their task's metric: precision/recall/F1 over slots or JSON fields, or text F1.
 
     python -m databricks_llm.evaluate --model_uri=runs:/<run_id>/checkpoint-50 --split=test
     python -m databricks_llm.evaluate --compare_run=<run_id> --register_best=e2e-extractor
 
 The first scores one model (an MLflow URI, a local folder, or a base model such as the
 embedded SmolLM2); the second scores every checkpoint of a fine-tuning run and its base model
-side by side, marks the best and can register it with an alias. Results are printed, written
-as JSON, and logged to an MLflow evaluation run (metrics, a per-example table, a plot).
+side by side, marks the best and can register it with an alias. The task (instruction, output
+format) is the one saved with the model (E2E's for models without one and for base models);
+the task flags override it. Results are printed, written as JSON, and logged to an MLflow
+evaluation run (metrics, a per-example table, a plot).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.errors import InputError, exit_code, first_line
 from databricks_llm.generation import check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
-from databricks_llm.scoring import metric_dict, same_mr, slot_scores
+from databricks_llm.scoring import exact, metric_dict, score
+from databricks_llm.task import E2E, Task
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE
 
 RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
@@ -59,16 +62,28 @@ def load_scorable(uri: str) -> tuple[Any, Any]:
     return models.load_for_inference(uri)
 
 
-def score(uri: str, sentences: list[str], references: list[str], batch_size: int, max_tokens: int,
-          dtype: str = "auto") -> dict:
-    """Slot scores of one model, with its predictions and the seconds generation took."""
+def task_of(uri: str) -> Task:
+    """The task saved with a model: in its MLflow metadata or its folder; E2E's when it has none."""
+    if uri.startswith(("runs:/", "models:/")):
+        try:
+            saved = (mlflow.models.get_model_info(uri).metadata or {}).get("extraction_task")
+        except Exception as err:  # MLflow raises several types for a missing model
+            raise InputError(f"cannot load {uri}: {first_line(err)}") from None
+        return Task(**saved).checked() if saved else E2E
+    return Task.of_model(uri) if Path(uri).is_dir() else E2E
+
+
+def score_model(uri: str, task: Task, inputs: list[str], references: list[str], batch_size: int, max_tokens: int,
+                dtype: str = "auto") -> dict:
+    """The task's scores of one model, with its predictions and the seconds generation took."""
     model, tokenizer = load_scorable(uri)
     model = model.to(models.inference_dtype(dtype))
     start = time.time()
-    predictions = generate(model, tokenizer, sentences, max_tokens=max_tokens, batch_size=batch_size)
-    result = slot_scores(predictions, references)
+    predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size)
+    result = score(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
-    print(f"[evaluate] {uri}: slot F1 {result['f1']:.3f} on {result['n']} rows in {result['seconds']}s", flush=True)
+    parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
+    print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)
     return result
 
 
@@ -94,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(lambda: _run(argv))
 
 
-def _parse(argv: list[str] | None) -> EvaluateArguments:
-    parser = validation.argument_parser(EvaluateArguments, description=__doc__.split("\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+def _parse(argv: list[str] | None) -> tuple[EvaluateArguments, Task]:
+    parser = validation.argument_parser((EvaluateArguments, Task), description=__doc__.split("\n")[0])
+    args, task = parser.parse_args_into_dataclasses(args=argv)
+    task = task.checked()
     if args.split not in ("train", "validation", "test"):
         raise InputError(f"--split must be train, validation or test (got {args.split})")
     validation.check_ranges(args, RANGES)
@@ -109,38 +125,39 @@ def _parse(argv: list[str] | None) -> EvaluateArguments:
         models.check_source(args.model_uri)  # before the tracking store is created in --job_dir
     data.check_source(args.dataset)
     validation.check_writable(args.job_dir, "--job_dir")
-    return args
+    return args, task
 
 
 def _run(argv: list[str] | None) -> None:
-    args = _parse(argv)
+    args, flags = _parse(argv)
     settings = tracking.TrackingSettings.from_env(args.job_dir)
     datasets.disable_progress_bars()
     tracking.connect(settings, args.job_dir)
-    split = data.head(data.load_e2e(args.dataset)[args.split], args.max_samples)
-    sentences, references = split["sentence"], split["mr"]
-
-    if args.compare_run:
-        rows = [{**score(uri, sentences, references, args.batch_size, args.max_tokens, args.dtype), "name": name, "step": step}
-                for name, step, uri in candidates(args.compare_run)]
-    else:
-        rows = [score(args.model_uri, sentences, references, args.batch_size, args.max_tokens, args.dtype)]
+    models_ = candidates(args.compare_run) if args.compare_run else [(None, 0, args.model_uri)]
+    saved = task_of(models_[-1][2])  # a run's checkpoints share one task; its base model is scored on it
+    splits, task = _load(args.dataset, saved, flags)
+    split = data.head(splits[args.split], args.max_samples)
+    inputs, references = split[data.INPUT], split[data.OUTPUT]
+    rows = [{**score_model(uri, task, inputs, references, args.batch_size, args.max_tokens, args.dtype),
+             **({"name": name, "step": step} if args.compare_run else {})} for name, step, uri in models_]
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
 
     scored = f"compare-{args.compare_run[:8]}" if args.compare_run else tracking.model_label(args.model_uri)
-    with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags={"task": tracking.TASK, "kind": "evaluation"}):
-        mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(sentences), "dtype": args.dtype,
-                           "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}"})
+    tags = {"task": "extraction", "output_format": task.output_format, "kind": "evaluation"}
+    with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags=tags):
+        mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(inputs), "dtype": args.dtype,
+                           "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}",
+                           **task.to_dict()})
         for row in rows:
             suffix = f"_{row['name']}" if args.compare_run else ""
-            mlflow.log_metrics(metric_dict(row, ""), step=row.get("step", 0))
-            mlflow.log_table({"sentence": sentences, "reference": references, "prediction": row["predictions"],
-                              "correct": list(map(same_mr, row["predictions"], references))},
-                             artifact_file=f"predictions{suffix}.json")
+            mlflow.log_metrics(metric_dict(row, "", task.output_format), step=row.get("step", 0))
+            correct = [exact(task.output_format, p, r) for p, r in zip(row["predictions"], references)]
+            mlflow.log_table({"input": inputs, "reference": references, "prediction": row["predictions"],
+                              "correct": correct}, artifact_file=f"predictions{suffix}.json")
         if args.compare_run:
             figure = runs.loss_figure(args.compare_run, [(r["step"], r["f1"]) for r in rows])
-            mlflow.log_figure(figure, "loss_and_slot_f1.png")
+            mlflow.log_figure(figure, "loss_and_f1.png")
             mlflow.set_tag("best_model", best["model_uri"])
     summary = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
     if args.output_json:
@@ -149,6 +166,13 @@ def _run(argv: list[str] | None) -> None:
                                                      {"models": summary, "best": best["name"]}, indent=2))
     if best and args.register_best:
         _register(best, args.register_best, args.alias)
+
+
+def _load(dataset: str, saved: Task, flags: Task) -> tuple[datasets.DatasetDict, Task]:
+    """The dataset for the model's task: columns from the flags (strictly), else the saved task's
+    when the dataset has them, else detected; instruction and format from the flags or the model."""
+    hint = not (flags.input_column or flags.output_column)
+    return data.load(dataset, saved.overridden_by(flags), columns_hint=hint)
 
 
 def _register(best: dict, name: str, alias: str) -> None:

@@ -56,18 +56,22 @@ class FineTuneJob:
         runtime.leave()
 
     def prepare_data(self) -> None:
-        """Tokenizer, the splits (capped by --max_*_samples) and their token ids; main process first."""
+        """Tokenizer, the splits (capped by --max_*_samples), the task resolved against them, and
+        their token ids; main process first."""
         settings, model = self.config.data, self.config.model
         datasets.disable_progress_bars()
         self.tokenizer = models.load_tokenizer(model.tokenizer, model.trust_remote_code)
         models.check_vocabulary(self.tokenizer, model.model, model.trust_remote_code)
         with self.training.main_process_first(desc="load and tokenize data"):
-            self.splits = data.load_e2e(settings.dataset, seed=self.training.seed,
-                                        validation_fraction=settings.validation_fraction)
+            self.splits, self.task = data.load(settings.dataset, self.config.task, seed=self.training.seed,
+                                               validation_fraction=settings.validation_fraction)
             self.splits["train"] = data.head(self.splits["train"], settings.max_train_samples)
             self.splits["validation"] = data.head(self.splits["validation"], settings.max_eval_samples)
-            self.tokenized = data.tokenize_splits(self.splits, self.tokenizer, settings.max_seq_length)
+            self.tokenized = data.tokenize_splits(self.splits, self.tokenizer, settings.max_seq_length, self.task)
         print(f"[data] {settings.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in self.splits.items()), flush=True)
+        task = self.task
+        print(f"[task] {task.input_column} -> {task.output_column} as {task.output_format}; instruction: "
+              f"{task.instruction[:100]}{'...' if len(task.instruction) > 100 else ''}", flush=True)
 
     def setup(self, run: tracking.JobRun | None) -> None:
         """The model (LoRA-wrapped unless a full fine-tune), the job's params, and the Trainer."""
@@ -87,7 +91,7 @@ class FineTuneJob:
             model=model, args=training, processing_class=self.tokenizer, train_dataset=self.tokenized["train"],
             eval_dataset=self.tokenized["validation"] if training.eval_strategy != "no" else None,
             data_collator=data.collator(model, self.tokenizer), callbacks=self._callbacks(run),
-            generation_eval=self._generation_eval(),
+            generation_eval=self._generation_eval(), task=self.task,
         )
 
     def train(self) -> None:
@@ -108,11 +112,12 @@ class FineTuneJob:
             return
         self.tokenizer.save_pretrained(path)
         if self.config.model.use_lora and self.config.model.merge_adapter:
-            models.merge_adapter(path)
+            self.task.save(models.merge_adapter(path))
         print(f"[done] final model in {path}", flush=True)
         if run is not None:
+            example = self.splits["validation"][0][data.INPUT]
             tracking.survive("logging the final model", lambda: tracking.log_model_folder(
-                path, name="final_model", with_example=True, registered_model_name=job.registered_model_name))
+                path, name="final_model", example=example, registered_model_name=job.registered_model_name))
             events = self.config.tracking.tensorboard_dir
             if Path(events).is_dir():
                 tracking.survive("uploading TensorBoard events", lambda: mlflow.log_artifacts(events, "tensorboard"))
@@ -126,7 +131,8 @@ class FineTuneJob:
         if not samples or training.eval_strategy == "no":
             return None
         subset = data.head(self.splits["validation"].shuffle(seed=training.seed), samples)
-        return GenerationEval(self.tokenizer, subset["sentence"], subset["mr"], batch_size=training.per_device_eval_batch_size,
+        return GenerationEval(self.tokenizer, self.task, subset[data.INPUT], subset[data.OUTPUT],
+                              batch_size=training.per_device_eval_batch_size,
                               synced_gpus=is_deepspeed_zero3_enabled() and self.process.world_size > 1)
 
     def _callbacks(self, run: tracking.JobRun | None) -> list:
@@ -152,10 +158,11 @@ class FineTuneJob:
                   **{k: v for group in (config.data, config.model, config.job) for k, v in dataclasses.asdict(group).items()}}
         if hasattr(model, "peft_config"):
             params.update({f"lora_{k}": v for k, v in model.peft_config["default"].to_dict().items()})
-        params.update({f"{k}_rows": len(v) for k, v in self.splits.items()}, prompt_version=data.PROMPT_VERSION,
-                      world_size=self.process.world_size, nodes=self.process.nodes)
+        params.update({f"{k}_rows": len(v) for k, v in self.splits.items()}, world_size=self.process.world_size,
+                      nodes=self.process.nodes)
+        params.update(self.task.to_dict())  # as resolved against the data (the flags' values may be unset)
         tracking.log_params(params, flatten=settings.flatten_params)
-        tracking.set_tags(config.model.model, settings.tags)
+        tracking.set_tags(config.model.model, self.task, settings.tags)
         for split in ("train", "validation"):
             tracking.log_dataset(self.splits[split].to_pandas(), config.data.dataset, split)
 

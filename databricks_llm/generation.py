@@ -1,4 +1,4 @@
-"""Batched generation of meaning representations, shared by the pyfunc model and evaluation."""
+"""Batched generation of a task's outputs, shared by the pyfunc model, training-time evaluation and `evaluate`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 
 from databricks_llm.data import encode_prompts, padded
 from databricks_llm.errors import InputError
+from databricks_llm.task import E2E, Task
 
 MAX_TOKENS_CAP = 512
-MAX_SENTENCE_CHARS = 4000
+MAX_INPUT_CHARS = 4000
 
 
 def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> tuple[float, int]:
@@ -25,16 +26,16 @@ def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> t
     return float(temperature), int(max_tokens)
 
 
-def generate(model: Any, tokenizer: Any, sentences: list[str], *, max_tokens: int = 128,
+def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E, max_tokens: int = 128,
              temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
-    """Complete the prompts for `sentences` in left-padded batches; greedy when temperature is 0.
+    """Complete the task's prompts for `inputs` in left-padded batches; greedy when temperature is 0.
 
     Prompts are batched in length order (less padding), and the outputs returned in input
-    order. Sentences longer than MAX_SENTENCE_CHARS are cut to that length (a restaurant
-    description never needs more; a 100 KB request would otherwise exhaust memory).
+    order. Inputs longer than MAX_INPUT_CHARS are cut to that length (a 100 KB request would
+    otherwise exhaust memory).
     `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate.
     """
-    prompts = encode_prompts(tokenizer, [s[:MAX_SENTENCE_CHARS] for s in sentences])
+    prompts = encode_prompts(tokenizer, [s[:MAX_INPUT_CHARS] for s in inputs], task)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

@@ -1,10 +1,14 @@
 """MLflow pyfunc model (models-from-code) serving a fine-tuned checkpoint or final model.
 
-    mlflow.pyfunc.load_model("runs:/<run_id>/checkpoint-N").predict(
-        {"prompt": "The Punter is an expensive Chinese coffee shop.", "temperature": 0.4, "max_tokens": 128})
+    model = mlflow.pyfunc.load_model("runs:/<run_id>/checkpoint-N")
+    model.predict({"prompt": "The Punter is an expensive Chinese coffee shop.", "temperature": 0.4, "max_tokens": 128})
+    model.predict(["The Punter is a pub.", "Aromi is a cheap restaurant."], params={"max_tokens": 64, "temperature": 0})
 
-`prompt` is the raw restaurant description; it is wrapped in the same prompt as in training.
-Returns one extracted meaning representation per row.
+`prompt` is the raw input (a restaurant description, a support ticket); it is wrapped in the
+prompt of the task the model was trained on (`extraction_task.json` among the model's files), so
+the caller never passes the instruction. Settings come from the request rows (the seed's style)
+or from MLflow's `params` (declared in the signature with their defaults); a row's own value wins.
+Returns one output per row in the task's format (slot list, JSON object or text).
 """
 
 from __future__ import annotations
@@ -59,16 +63,18 @@ class CompletionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from databricks_llm.models import load_for_inference
+        from databricks_llm.task import Task
 
         self.model, self.tokenizer = load_for_inference(context.artifacts["model"])
+        self.task = Task.of_model(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow would read them as a schema
-        """One extracted meaning representation per request row."""
+        """One output per request row, in the task's format."""
         rows = parse_request(model_input, params)
         results: dict[int, str] = {}
         for temperature, max_tokens in {(t, m) for _, t, m in rows}:
             index = [i for i, (_, t, m) in enumerate(rows) if (t, m) == (temperature, max_tokens)]
-            texts = generate(self.model, self.tokenizer, [rows[i][0] for i in index],
+            texts = generate(self.model, self.tokenizer, [rows[i][0] for i in index], task=self.task,
                              max_tokens=max_tokens, temperature=temperature)
             results.update(zip(index, texts))
         return [results[i] for i in range(len(rows))]

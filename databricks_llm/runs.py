@@ -31,13 +31,15 @@ def logged_checkpoints(run_id: str) -> list[tuple[int, Any]]:
 
 
 def checkpoint_uri(run_id: str) -> str:
-    """`runs:/<run>/checkpoint-N` of the run's best checkpoint by eval_slot_f1 (else eval_loss), else its last."""
+    """`runs:/<run>/checkpoint-N` of the run's best checkpoint by the task's eval_f1 (eval_slot_f1 for
+    runs logged before tasks; else eval_loss), else its last."""
 
     def rank(item: tuple[int, Any]) -> tuple:
         step, model = item
         metrics = {m.key: m.value for m in model.metrics or []}
-        if "eval_slot_f1" in metrics:
-            return (1, metrics["eval_slot_f1"], step)
+        f1 = metrics.get("eval_f1", metrics.get("eval_slot_f1"))
+        if f1 is not None:
+            return (1, f1, step)
         if "eval_loss" in metrics:
             return (0, -metrics["eval_loss"], step)
         return (-1, 0, step)
@@ -46,7 +48,8 @@ def checkpoint_uri(run_id: str) -> str:
 
 
 def loss_figure(run_id: str, f1_by_step: list[tuple[int, float]] | None = None) -> Any:
-    """Training and eval loss by step beside slot F1 by step (the run's eval_slot_f1 unless given)."""
+    """Training and eval loss by step beside the task's F1 by step (the run's eval_f1, or eval_slot_f1
+    for runs logged before tasks, unless given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,8 +63,9 @@ def loss_figure(run_id: str, f1_by_step: list[tuple[int, float]] | None = None) 
     left.set(title="loss", xlabel="step")
     left.legend()
     if f1_by_step is None:
-        f1_by_step = [(m.step, m.value) for m in client.get_metric_history(run_id, "eval_slot_f1")]
+        history = client.get_metric_history(run_id, "eval_f1") or client.get_metric_history(run_id, "eval_slot_f1")
+        f1_by_step = [(m.step, m.value) for m in history]
     right.plot([s for s, _ in f1_by_step], [f for _, f in f1_by_step], marker="o")
-    right.set(title="slot F1", xlabel="step", ylim=(0, 1))
+    right.set(title="F1", xlabel="step", ylim=(0, 1))
     figure.tight_layout()
     return figure

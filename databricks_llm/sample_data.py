@@ -1,11 +1,13 @@
-"""A small, seeded, E2E-style dataset generated in code.
+"""Small, seeded datasets generated in code: E2E-style restaurant descriptions and support tickets.
 
-It makes the demo and the unit tests independent of any download or data file. The slot
-inventory and surface forms follow the real E2E NLG data (same keys, values and MR format).
+They make the demo and the unit tests independent of any download or data file. The E2E slot
+inventory and surface forms follow the real E2E NLG data (same keys, values and MR format); the
+tickets are a second, non-restaurant extraction task with JSON targets.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -87,4 +89,40 @@ def generate(n: int, seed: int = 0) -> list[dict[str, str]]:
     for _ in range(n):
         sentence, mr = _example(rng)
         rows.append({"mr": mr, "sentence": sentence})
+    return rows
+
+
+TICKETS_INSTRUCTION = ("Extract the product, the severity (low, medium, high or critical) and the customer "
+                       "from the support ticket as one JSON object.")
+PRODUCTS = ["Billing Portal", "Mobile App", "Data Warehouse", "SSO Login", "Email Gateway", "Reporting API",
+            "Checkout Service", "Search Index", "Backup Agent", "VPN Client"]
+CUSTOMERS = ["Acme Corp", "Globex", "Initech", "Umbrella Health", "Stark Logistics", "Wayne Foods", "Hooli",
+             "Vandelay Imports", "Soylent Labs", "Cyberdyne Systems", "Tyrell Bank", "Wonka Retail"]
+PROBLEMS = {
+    "low": ["has a typo on the settings page", "shows the wrong icon in dark mode", "asks for a feature: CSV export"],
+    "medium": ["is slow to load since Monday", "sends duplicate notifications", "times out now and then"],
+    "high": ["rejects valid payments for some users", "lost the last two days of reports", "fails for all EU users"],
+    "critical": ["is down for everyone", "exposed another tenant's data", "corrupts every file it writes"],
+}
+OPENINGS = ["Hi team,", "Hello,", "Urgent:", "Good morning,", ""]
+CLOSINGS = ["Thanks, {customer} IT", "Regards, the {customer} admin team", "Please advise. ({customer})",
+            "Sent on behalf of {customer}."]
+
+
+def _ticket(rng: random.Random) -> tuple[str, dict[str, str]]:
+    fields = {"product": rng.choice(PRODUCTS), "severity": rng.choice(list(PROBLEMS)), "customer": rng.choice(CUSTOMERS)}
+    problem = rng.choice(PROBLEMS[fields["severity"]])
+    body = f"{rng.choice(['Our', 'The'])} {fields['product']} {problem}."
+    closing = rng.choice(CLOSINGS).format(customer=fields["customer"])
+    return " ".join(part for part in (rng.choice(OPENINGS), body, closing) if part), fields
+
+
+def tickets(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` support tickets: `prompt` (the ticket text) and `completion` (a JSON object with the
+    product, severity and customer)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        text, fields = _ticket(rng)
+        rows.append({"prompt": text, "completion": json.dumps(fields)})
     return rows

@@ -1,19 +1,25 @@
-"""Slot-level scoring of meaning representations (MRs).
+"""Scoring extraction outputs by the task's output format.
 
-Comparison is on normalised (slot, value) pairs: keys match case-insensitively with spaces
-collapsed and are mapped to their E2E spelling (``EatType`` -> ``eatType``); values are
-lower-cased with spaces collapsed (``Café  Sicilia`` == ``café sicilia``). Pairs are counted
-as a multiset, so a repeated key counts each time it appears.
+- `slots` (``key[value], ...``): pairs compared with keys matched case-insensitively (spaces
+  collapsed, E2E spellings restored: ``EatType`` -> ``eatType``) and values lower-cased with
+  spaces collapsed (``Café  Sicilia`` == ``café sicilia``), counted as a multiset.
+- `json`: the same over flattened key paths (``customer.name``; list items under ``tags[]``) with
+  normalised values (text as above, ``1.0`` == ``1``); outputs that are not one JSON object score no
+  pairs and lower the parse rate.
+- `text`: exact match after whitespace and case normalisation, and SQuAD-style token F1.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from typing import Any
 
 E2E_SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
+MAX_FIELDS = 50  # per-field metrics for at most this many fields (the most frequent in the references)
 _CANONICAL = {s.lower(): s for s in E2E_SLOTS}
-_KEY = re.compile(r"(customer\s+rating|[A-Za-z_]+)\s*\[", re.IGNORECASE)
+_KEY = re.compile(r"(customer\s+rating|[A-Za-z_][A-Za-z0-9_]*)\s*\[", re.IGNORECASE)
 
 
 def _norm(text: str) -> str:
@@ -49,13 +55,50 @@ def parse_mr(text: object) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs(text: object) -> Counter:
+def parse_json(text: object) -> dict | None:
+    """The JSON object `text` holds (whitespace around it allowed), or None; never raises."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _normal(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return _norm(str(value)).lower()
+
+
+def flatten(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key path, normalised value) of every leaf of a JSON value; empty objects and lists add none."""
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in flatten(item, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, list):
+        return [pair for item in value for pair in flatten(item, f"{path}[]")]
+    return [(path, _normal(value))]
+
+
+def _pairs(text: object, output_format: str = "slots") -> Counter:
+    if output_format == "json":
+        value = parse_json(text)
+        return Counter(flatten(value)) if value is not None else Counter()
     return Counter((key, value.lower()) for key, value in parse_mr(text))
 
 
-def same_mr(prediction: object, reference: object) -> bool:
-    """Exact match: the same multiset of normalised (slot, value) pairs."""
-    return _pairs(prediction) == _pairs(reference)
+def _tokens(text: object) -> list[str]:
+    return _norm(text).lower().split() if isinstance(text, str) else []
+
+
+def exact(output_format: str, prediction: object, reference: object) -> bool:
+    """Exact match: the same multiset of normalised pairs (slots, json), the same words (text)."""
+    if output_format == "text":
+        return _tokens(prediction) == _tokens(reference)
+    return _pairs(prediction, output_format) == _pairs(reference, output_format)
 
 
 def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -65,36 +108,56 @@ def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def slot_scores(predictions: list[str], references: list[str]) -> dict:
-    """Micro precision/recall/F1 over (slot, value) pairs, exact match, and F1 per E2E slot.
-
-    `per_slot` has an entry for each E2E slot seen in the predictions or references.
-    """
+def score(output_format: str, predictions: list[str], references: list[str]) -> dict:
+    """Precision, recall, F1, exact match and per-field F1 (the MAX_FIELDS most frequent fields)
+    of `predictions`; `json` adds `parse_rate`. Micro-averaged over pairs for slots and json,
+    averaged over rows for text."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    totals = Counter()
-    per_slot = {slot: Counter() for slot in E2E_SLOTS}
-    exact = 0
+    n = len(references)
+    result: dict[str, Any] = {"exact_match": sum(map(exact, [output_format] * n, predictions, references)) / n if n else 0.0,
+                              "n": n, "per_field": {}}
+    if output_format == "text":
+        rows = [_token_f1(p, r) for p, r in zip(predictions, references)]
+        result.update({k: sum(row[i] for row in rows) / n if n else 0.0 for i, k in enumerate(("precision", "recall", "f1"))})
+        return result
+    totals, fields, support = Counter(), {}, Counter()
     for prediction, reference in zip(predictions, references):
-        pred, ref = _pairs(prediction), _pairs(reference)
-        exact += pred == ref  # same_mr, without parsing twice
+        pred, ref = _pairs(prediction, output_format), _pairs(reference, output_format)
         for kind, pairs in (("tp", pred & ref), ("fp", pred - ref), ("fn", ref - pred)):
-            for (key, _), n in pairs.items():
-                totals[kind] += n
-                if key in per_slot:
-                    per_slot[key][kind] += n
-    precision, recall, f1 = _f1(totals["tp"], totals["fp"], totals["fn"])
-    return {
-        "precision": precision, "recall": recall, "f1": f1,
-        "exact_match": exact / len(references) if references else 0.0,
-        "per_slot": {s: _f1(c["tp"], c["fp"], c["fn"])[2] for s, c in per_slot.items() if sum(c.values())},
-        "n": len(references),
-    }
+            for (key, _), count in pairs.items():
+                totals[kind] += count
+                fields.setdefault(key, Counter())[kind] += count
+        support.update(key for key, _ in ref.elements())
+    result.update(zip(("precision", "recall", "f1"), _f1(totals["tp"], totals["fp"], totals["fn"])))
+    kept = [key for key, _ in support.most_common(MAX_FIELDS)]
+    result["per_field"] = {key: _f1(fields[key]["tp"], fields[key]["fp"], fields[key]["fn"])[2] for key in kept}
+    if output_format == "json":
+        result["parse_rate"] = sum(parse_json(p) is not None for p in predictions) / n if n else 0.0
+    return result
 
 
-def metric_dict(scores: dict, prefix: str) -> dict[str, float]:
-    """Flat MLflow metric names: `<prefix>slot_f1`, `<prefix>exact_match`, `<prefix>slot_f1_<slot>`."""
-    metrics = {f"{prefix}slot_precision": scores["precision"], f"{prefix}slot_recall": scores["recall"],
-               f"{prefix}slot_f1": scores["f1"], f"{prefix}exact_match": scores["exact_match"]}
-    metrics.update({f"{prefix}slot_f1_{slot.replace(' ', '_')}": v for slot, v in scores["per_slot"].items()})
+def _token_f1(prediction: object, reference: object) -> tuple[float, float, float]:
+    pred, ref = Counter(_tokens(prediction)), Counter(_tokens(reference))
+    if not pred and not ref:
+        return 1.0, 1.0, 1.0
+    common = sum((pred & ref).values())
+    return _f1(common, sum(pred.values()) - common, sum(ref.values()) - common)
+
+
+def _metric_name(field: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.\-/]", "_", field)
+
+
+def metric_dict(scores: dict, prefix: str, output_format: str = "slots") -> dict[str, float]:
+    """Flat MLflow metric names: `<prefix>f1`, `precision`, `recall`, `exact_match`, `f1_<field>`;
+    json adds `json_parse_rate`; slot tasks also keep the older `slot_f1`, `slot_precision`,
+    `slot_recall` and `slot_f1_<slot>` names."""
+    metrics = {f"{prefix}{k}": scores[k] for k in ("precision", "recall", "f1", "exact_match")}
+    metrics.update({f"{prefix}f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})
+    if "parse_rate" in scores:
+        metrics[f"{prefix}json_parse_rate"] = scores["parse_rate"]
+    if output_format == "slots":
+        metrics.update({f"{prefix}slot_{k}": scores[k] for k in ("precision", "recall", "f1")})
+        metrics.update({f"{prefix}slot_f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})
     return metrics

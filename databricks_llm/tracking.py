@@ -25,26 +25,26 @@ from typing import Any, Callable
 
 import mlflow
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from databricks_llm import runtime, validation
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 from databricks_llm.runtime import Process
+from databricks_llm.task import Task
 
 DEFAULT_EXPERIMENT = "databricks_llm"
 # MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed
 # as GenAI "Agent versions".
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id"
-TASK = "e2e-mr-extraction"
-INPUT_EXAMPLE = {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
-                 "temperature": 0.4, "max_tokens": 128}
 # The seed's call passes an int max_tokens; MLflow then needs it in every row of a request or in none.
+# The same settings are also declared as params (MLflow's convention); a row's own value wins.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
                    ColSpec("long", "max_tokens", required=False)]),
     outputs=Schema([ColSpec("string")]),
+    params=ParamSchema([ParamSpec("temperature", "double", 0.0), ParamSpec("max_tokens", "long", 128)]),
 )
 JOB_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Async metric logging sends one batch per 5 s instead of one write per logged step: on a busy
@@ -348,9 +348,9 @@ def log_params(params: dict[str, Any], flatten: bool = False) -> None:
         mlflow.log_params(dict(items[i:i + 100]))
 
 
-def set_tags(model: str, extra: dict[str, Any]) -> None:
-    """Model id, task, git commit and whatever MLFLOW_TAGS (`extra`) adds."""
-    tags = {"model": model, "task": TASK}
+def set_tags(model: str, task: Task, extra: dict[str, Any]) -> None:
+    """Model id, the task's output format, git commit and whatever MLFLOW_TAGS (`extra`) adds."""
+    tags = {"model": model, "task": "extraction", "output_format": task.output_format}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
@@ -370,7 +370,7 @@ def log_dataset(frame: Any, source: str, context: str) -> None:
     from mlflow.data.pandas_dataset import from_pandas
 
     name = Path(source).name if Path(source).exists() else source
-    mlflow.log_input(from_pandas(frame, name=f"{name}:{context}", targets="mr"), context=context)
+    mlflow.log_input(from_pandas(frame, name=f"{name}:{context}", targets="output"), context=context)
 
 
 def pip_requirements() -> list[str]:
@@ -378,15 +378,16 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={metadata.version(p)}" for p in _PACKAGES]
 
 
-def log_model_folder(folder: str | Path, name: str, step: int = 0, with_example: bool = False,
+def log_model_folder(folder: str | Path, name: str, step: int = 0, example: str | None = None,
                      registered_model_name: str | None = None) -> Any:
-    """Log a saved model folder (LoRA adapter or full model + tokenizer) as a pyfunc model.
+    """Log a saved model folder (LoRA adapter or full model + tokenizer + task file) as a pyfunc
+    model; the task is also in the model's metadata (`extraction_task`).
 
     Training state (optimizer, scheduler, RNG, DeepSpeed shards) is left out: only the files a
     model needs are hard-linked into a staging folder. A LoRA adapter refers to its base model
     through `base_model_name_or_path` (a hub id or a local path), so it is logged alone.
     MLflow checks an input example by loading the model and generating, seconds per call, so
-    checkpoints are logged with the signature only and the final model also with the example.
+    checkpoints are logged with the signature only and the final model also with `example` (an input).
     """
     from databricks_llm import pyfunc
 
@@ -399,8 +400,9 @@ def log_model_folder(folder: str | Path, name: str, step: int = 0, with_example:
         return mlflow.pyfunc.log_model(
             name=name, step=step, python_model=pyfunc.__file__, artifacts={"model": str(model_dir)},
             code_paths=[str(Path(__file__).parent)], signature=SIGNATURE,
-            input_example=INPUT_EXAMPLE if with_example else None, pip_requirements=pip_requirements(),
-            metadata={"task": "llm/v1/completions"}, registered_model_name=registered_model_name,
+            input_example={"prompt": example, "max_tokens": 128} if example else None,
+            pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
+            metadata={"task": "llm/v1/completions", "extraction_task": Task.of_model(folder).to_dict()},
         )
 
 

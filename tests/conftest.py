@@ -37,11 +37,11 @@ def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from databricks_llm.data import INSTRUCTION
+    from databricks_llm.task import E2E_INSTRUCTION
     from databricks_llm.sample_data import generate
 
     rows = generate(300, seed=123)
-    texts = [r["sentence"] for r in rows] + [r["mr"] for r in rows] + [INSTRUCTION, "Description: ### Meaning representation:"]
+    texts = [r["sentence"] for r in rows] + [r["mr"] for r in rows] + [E2E_INSTRUCTION, "Description: ### Meaning representation:"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -17,11 +17,11 @@ def evaluate(job, *flags: str):
     return result
 
 
-def test_training_logs_slot_scores_at_each_evaluation(job):
+def test_training_logs_the_tasks_scores_at_each_evaluation(job):
     client = mlflow.MlflowClient()
-    assert [m.step for m in client.get_metric_history(job.run_id, "eval_slot_f1")] == [2, 4]
-    assert [m.step for m in client.get_metric_history(job.run_id, "eval_exact_match")] == [2, 4]
-    assert "[eval] step 2: slot F1" in job.result.stdout
+    for metric in ("eval_f1", "eval_slot_f1", "eval_exact_match", "eval_f1_name"):  # slot task: old names kept
+        assert [m.step for m in client.get_metric_history(job.run_id, metric)] == [2, 4]
+    assert "[eval] step 2: F1" in job.result.stdout
 
 
 def test_training_run_has_a_readable_name_in_a_model_training_experiment(job):
@@ -35,20 +35,21 @@ def test_checkpoint_model_carries_its_eval_metrics(job):
     experiment_id = mlflow.get_run(job.run_id).info.experiment_id
     (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
                 if m.name == "checkpoint-4"]
-    assert {"eval_loss", "eval_slot_f1"} <= {m.key for m in model.metrics}
+    assert {"eval_loss", "eval_f1", "eval_slot_f1"} <= {m.key for m in model.metrics}
 
 
 def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tmp_path):
     result = evaluate(job, f"--model_uri=runs:/{job.run_id}/checkpoint-4", f"--output_json={tmp_path / 'scores.json'}")
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert {"precision", "recall", "f1", "exact_match", "per_slot", "n", "seconds"} <= set(scores)
+    assert {"precision", "recall", "f1", "exact_match", "per_field", "n", "seconds"} <= set(scores)
     assert scores["n"] == 4
     assert "precision" in result.stdout and "recall" in result.stdout and "<- best" not in result.stdout
     name = f"evaluate-checkpoint-4@{job.run_id[:8]}-test"  # named by what it scored
     (evaluation,) = mlflow.search_runs(experiment_names=["spec"], filter_string=f"run_name = '{name}'", output_format="list")
-    assert evaluation.data.tags["kind"] == "evaluation" and "slot_f1" in evaluation.data.metrics
+    assert evaluation.data.tags["kind"] == "evaluation" and {"f1", "slot_f1"} <= set(evaluation.data.metrics)
+    assert evaluation.data.params["output_format"] == "slots"
     table = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/predictions.json")
-    assert table["columns"] == ["sentence", "reference", "prediction", "correct"] and len(table["data"]) == 4
+    assert table["columns"] == ["input", "reference", "prediction", "correct"] and len(table["data"]) == 4
 
 
 def test_compare_mode_scores_base_and_checkpoints_and_registers_the_best(job, tmp_path):

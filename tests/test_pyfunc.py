@@ -59,12 +59,12 @@ def test_predict_returns_each_rows_own_answer_in_request_order(served):
 
 
 def test_a_100kb_prompt_is_cut_to_the_sentence_cap(served):
-    from databricks_llm.generation import MAX_SENTENCE_CHARS
+    from databricks_llm.generation import MAX_INPUT_CHARS
 
-    head = "Aromi is a pub. " * (MAX_SENTENCE_CHARS // 16)
-    long = head[:MAX_SENTENCE_CHARS] + "Zizzi is a cheap restaurant. " * 3500  # 100 KB past the cap
+    head = "Aromi is a pub. " * (MAX_INPUT_CHARS // 16)
+    long = head[:MAX_INPUT_CHARS] + "Zizzi is a cheap restaurant. " * 3500  # 100 KB past the cap
     assert len(long) > 100_000
-    assert served.predict(None, {"prompt": long, "max_tokens": 4}) == served.predict(None, {"prompt": head[:MAX_SENTENCE_CHARS], "max_tokens": 4})
+    assert served.predict(None, {"prompt": long, "max_tokens": 4}) == served.predict(None, {"prompt": head[:MAX_INPUT_CHARS], "max_tokens": 4})
 
 
 def test_model_loads_whole_in_one_process_while_a_zero3_job_is_live(tiny_model):

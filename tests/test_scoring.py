@@ -1,10 +1,14 @@
-"""Slot scorer: parsing of messy model output and hand-computed scores."""
+"""Scorers for each output format: parsing of messy model output and hand-computed scores."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from databricks_llm.scoring import metric_dict, parse_mr, slot_scores
+from databricks_llm.scoring import exact, flatten, metric_dict, parse_json, parse_mr, score
+
+slot_scores = functools.partial(score, "slots")
 
 REF = "name[The Punter], eatType[coffee shop], food[Chinese], priceRange[high], near[Café Sicilia]"
 
@@ -53,7 +57,7 @@ def test_hand_computed_micro_scores():
 
 def test_per_slot_f1_only_for_slots_seen():
     scores = slot_scores(["name[A], eatType[pub]"], ["name[A], eatType[restaurant]"])
-    assert scores["per_slot"] == {"name": 1.0, "eatType": 0.0}
+    assert scores["per_field"] == {"name": 1.0, "eatType": 0.0}
 
 
 def test_garbage_output_scores_zero_without_raising():
@@ -73,12 +77,49 @@ def test_length_mismatch_is_an_error():
 
 def test_metric_names_are_flat_and_mlflow_safe():
     metrics = metric_dict(slot_scores([REF], [REF]), "eval_")
-    assert metrics["eval_slot_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
-    assert "eval_slot_f1_near" in metrics and all(" " not in k for k in metrics)
+    assert metrics["eval_f1"] == metrics["eval_slot_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
+    assert "eval_f1_near" in metrics and "eval_slot_f1_near" in metrics and all(" " not in k for k in metrics)
 
 
-def test_same_mr_ignores_order_case_and_spacing_but_not_values():
-    from databricks_llm.scoring import same_mr
+def test_slot_exact_match_ignores_order_case_and_spacing_but_not_values():
+    assert exact("slots", "eatType[Pub],  name[A]", "name[A], eatType[pub]")
+    assert not exact("slots", "name[A], eatType[pub]", "name[A], eatType[restaurant]")
 
-    assert same_mr("eatType[Pub],  name[A]", "name[A], eatType[pub]")
-    assert not same_mr("name[A], eatType[pub]", "name[A], eatType[restaurant]")
+
+def test_json_parsing_accepts_only_one_object():
+    assert parse_json(' {"a": 1} ') == {"a": 1}
+    assert parse_json('{"a": 1') is None  # cut short
+    assert parse_json('{"a": 1} and more') is None
+    assert parse_json("[1, 2]") is None and parse_json(None) is None
+
+
+def test_json_values_flatten_to_key_paths_with_normalised_values():
+    value = {"customer": {"name": " Acme  Corp", "tier": 1.0}, "tags": ["VPN", "eu"], "urgent": True, "note": None, "x": {}}
+    assert sorted(flatten(value)) == [("customer.name", "acme corp"), ("customer.tier", "1"), ("note", "null"),
+                                      ("tags[]", "eu"), ("tags[]", "vpn"), ("urgent", "true")]
+
+
+def test_hand_computed_json_field_scores():
+    references = ['{"product": "VPN Client", "severity": "high", "customer": {"name": "Acme"}}',
+                  '{"product": "SSO Login", "severity": "low"}']
+    predictions = ['{"product": "vpn client", "severity": "low", "customer": {"name": "Acme"}}',  # 2 of 3 right
+                   '{"product": "SSO Login", "severity": "low"']                                 # malformed: 0 of 2
+    scores = score("json", predictions, references)
+    # tp = 2, fp = 1, fn = 1 + 2 = 3 -> P = 2/3, R = 2/5, F1 = 2PR/(P+R) = 1/2
+    assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((2 / 3, 2 / 5, 1 / 2))
+    assert scores["parse_rate"] == 0.5 and scores["exact_match"] == 0.0
+    assert scores["per_field"] == {"product": pytest.approx(2 / 3), "severity": 0.0, "customer.name": 1.0}
+    assert exact("json", '{"b": 2, "a": "X"}', '{"a": "x", "b": 2.0}')
+
+
+def test_json_metrics_add_the_parse_rate_and_keep_no_slot_names():
+    metrics = metric_dict(score("json", ['{"a": 1}'], ['{"a": 1}']), "eval_", "json")
+    assert metrics["eval_f1"] == 1.0 and metrics["eval_json_parse_rate"] == 1.0 and metrics["eval_f1_a"] == 1.0
+    assert not any("slot" in k for k in metrics)
+
+
+def test_hand_computed_text_scores():
+    scores = score("text", ["The Crown", "blue  Pub"], ["The Crown and Anchor", "Blue pub"])
+    # row 1: 2 common of 2 predicted / 4 reference tokens -> P 1, R 1/2, F1 2/3; row 2: exact -> 1
+    assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((1.0, 3 / 4, 5 / 6))
+    assert scores["exact_match"] == 0.5 and scores["per_field"] == {}

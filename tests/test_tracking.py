@@ -12,6 +12,7 @@ import mlflow
 
 from conftest import FAKE_SECRETS, QUICK_JOB, run_module
 from databricks_llm import data, tracking
+from databricks_llm.task import E2E_INSTRUCTION, PROMPT_VERSION
 
 
 def training_run(job):
@@ -36,12 +37,13 @@ def test_params_hold_training_model_lora_and_data_facts(job):
     assert params["lora_r"] == "8" and params["use_lora"] == "True"
     assert params["hidden_size"] == "32"
     assert params["train_rows"] == "16" and params["dataset"] == "embedded:e2e-sample"
-    assert params["prompt_version"] == data.PROMPT_VERSION
+    assert params["prompt_version"] == PROMPT_VERSION and params["output_format"] == "slots"
+    assert params["instruction"] == E2E_INSTRUCTION and params["input_column"] == "sentence"
 
 
 def test_tags_name_model_task_and_user_tags(job):
     tags = training_run(job).data.tags
-    assert tags["task"] == "e2e-mr-extraction" and tags["team"] == "nlp" and tags["model"]
+    assert tags["task"] == "extraction" and tags["output_format"] == "slots" and tags["team"] == "nlp" and tags["model"]
 
 
 def test_metrics_are_logged_at_their_steps(job):
@@ -107,15 +109,17 @@ def test_models_uri_loads_the_same_logged_model(job):
     assert len(served.predict([{"prompt": "Aromi is a pub.", "max_tokens": 4}, {"prompt": "Zizzi is cheap.", "max_tokens": 2}])) == 2
 
 
-def test_model_signature_and_example_match_the_seed_call(job):
+def test_model_signature_takes_the_seed_call_and_params_and_the_example_is_a_validation_input(job):
     run = training_run(job)
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/final_model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["prompt", "temperature", "max_tokens"]
+    assert {p.name: p.default for p in info.signature.params} == {"temperature": 0.0, "max_tokens": 128}
     assert info.metadata["task"] == "llm/v1/completions"
+    assert info.metadata["extraction_task"]["output_format"] == "slots"
     example = json.loads(Path(mlflow.artifacts.download_artifacts(
-        f"runs:/{run.info.run_id}/final_model/serving_input_example.json")).read_text())
-    assert example == {"prompt": "The Punter is an expensive Chinese coffee shop located near Café Sicilia.",
-                       "temperature": 0.4, "max_tokens": 128}
+        f"runs:/{run.info.run_id}/final_model/input_example.json")).read_text())
+    validation = data.load(data.EMBEDDED_DATASET)[0]["validation"]
+    assert example == {"prompt": validation[0]["input"], "max_tokens": 128}
 
 
 def test_requirements_are_pinned_and_skip_torchvision(job):
