@@ -2,10 +2,13 @@
 
     python benchmarks/quality.py                       # 1000 steps in bf16 (~30 min on 2 cores), whole test split
     python benchmarks/quality.py --max_steps=20 --test_samples=50 --quick   # CI-sized smoke run
+    python benchmarks/quality.py --output_format=json --quick    # the same task with JSON objects as targets
 
 Trains with `databricks_llm.fine_tune` on ../shared/data/e2e_nlg/cleaned, then scores the final
 checkpoint and the zero-shot base model on the same test rows with `databricks_llm.evaluate`, and
-prints one line per model plus the ratio. Results are meant for docs/benchmarks.md.
+prints one line per model plus the ratio. With `--output_format=json` the slot targets are turned
+into JSON objects by the data loader (training and test references alike) and scored per field.
+Results are meant for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def run(module: str, *args: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default=str(E2E))
-    parser.add_argument("--work_dir", default="outputs/bench_quality")
+    parser.add_argument("--work_dir", default=None, help="default: outputs/bench_quality[_json]")
+    parser.add_argument("--output_format", default="slots", choices=["slots", "json"])
     parser.add_argument("--max_steps", type=int, default=1000, help="~1.6 s per bf16 step at batch 8 on 2 CPU cores")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -40,7 +44,7 @@ def main() -> int:
     if not args.dataset.startswith("embedded:") and not Path(args.dataset).exists():
         print(f"error: dataset {args.dataset} not found", file=sys.stderr)
         return 2
-    work = Path(args.work_dir)
+    work = Path(args.work_dir or "outputs/bench_quality" + ("_json" if args.output_format == "json" else ""))
     job = work / "checkpoints"
     start = time.time()
     run("databricks_llm.fine_tune", f"--dataset={args.dataset}", f"--output_dir={job}",
@@ -48,7 +52,7 @@ def main() -> int:
         f"--learning_rate={args.learning_rate}", "--lr_scheduler_type=cosine", "--warmup_steps=20",
         f"--save_steps={args.max_steps}", f"--eval_steps={args.max_steps}", "--max_eval_samples=64",
         "--eval_generation_samples=32", "--logging_steps=20", "--disable_tqdm=true", "--bf16=true",
-        "--train_sampling_strategy=group_by_length")  # less padding; fine over 1000 steps, not in 40-step demos
+        "--train_sampling_strategy=group_by_length", f"--output_format={args.output_format}")  # less padding; fine over 1000 steps, not in 40-step demos
     train_seconds = time.time() - start
     scores = {}
     models = [("fine-tuned", str(job / "final_model"))] + ([] if args.quick else [("base", "embedded:smollm2-135m-instruct")])
@@ -60,11 +64,12 @@ def main() -> int:
         scores[name] = json.loads(out.read_text())
     print(f"training: {args.max_steps} steps x batch {args.batch_size} in {train_seconds / 60:.1f} min")
     for name, s in scores.items():
-        print(f"{name}: slot F1 {s['f1']:.4f}, precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
-              f"exact match {s['exact_match']:.4f}, n {s['n']}, {s['seconds']:.0f}s")
+        parsed = f", JSON parse rate {s['parse_rate']:.4f}" if "parse_rate" in s else ""
+        print(f"{name}: {args.output_format} F1 {s['f1']:.4f}, precision {s['precision']:.4f}, recall {s['recall']:.4f}, "
+              f"exact match {s['exact_match']:.4f}{parsed}, n {s['n']}, {s['seconds']:.0f}s")
     if "base" in scores:
         ours, base = scores["fine-tuned"]["f1"], scores["base"]["f1"]
-        print(f"slot_f1: ours {ours:.4f}, baseline {base:.4f}, ratio {ours / base if base else float('inf'):.1f}")
+        print(f"{args.output_format}_f1: ours {ours:.4f}, baseline {base:.4f}, ratio {ours / base if base else float('inf'):.1f}")
     return 0
 
 

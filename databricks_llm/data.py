@@ -25,7 +25,7 @@ from databricks_llm import sample_data
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.scoring import parse_json, parse_mr
 from databricks_llm.task import (E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS,
-                                 LEGACY_PROMPT_VERSION, Task)
+                                 LEGACY_PROMPT_VERSION, TASK_FILE, Task)
 from databricks_llm.validation import looks_like_path
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
@@ -264,11 +264,13 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
                for i, (s, n) in enumerate([("train", 400), ("validation", 50), ("test", 50)])}
     elif Path(dataset).exists():
         raw = _load_local(Path(dataset))
+        if (Path(dataset) / TASK_FILE).is_file():  # prepared by `save_prepared`
+            defaults = Task.of_model(dataset)
     else:
         raw = _load_hub(dataset)
     if "train" not in raw:
         raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
-    task = defaults.overridden_by(task)
+    task = dataclasses.replace(defaults.overridden_by(task), prompt_version=task.prompt_version)
     columns = _columns(raw["train"].column_names, task, dataset, columns_hint)
     splits = {k: _normalise(k, v, dataset, _columns(v.column_names, task, dataset, columns_hint))
               for k, v in raw.items() if k in SPLITS}  # each split's own names: files may differ
@@ -286,6 +288,13 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
         splits["train"], splits["validation"] = held["train"], held["test"]
     splits.setdefault("test", splits["validation"])
     return datasets.DatasetDict(splits), task
+
+
+def save_prepared(splits: datasets.DatasetDict, task: Task, path: str) -> None:
+    """Write loaded splits and their task to `path`: `load(path)` then gives the same rows and task
+    (a chat dataset's system message included) without the flags that resolved it."""
+    splits.save_to_disk(path)
+    dataclasses.replace(task, input_column=INPUT, output_column=OUTPUT).save(path)
 
 
 def head(split: datasets.Dataset, n: int | None) -> datasets.Dataset:

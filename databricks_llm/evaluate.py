@@ -37,7 +37,7 @@ RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
 
 @dataclass
 class EvaluateArguments:
-    model_uri: str = field(default=EMBEDDED_MODEL, metadata={"help": "runs:/..., models:/..., a local model folder, or a base model (hub id, .gguf, embedded)."})
+    model_uri: str = field(default=EMBEDDED_MODEL, metadata={"help": "runs:/..., models:/..., a downloaded MLflow model folder, a saved model folder, or a base model (hub id, .gguf, embedded)."})
     compare_run: str | None = field(default=None, metadata={"help": "Score every checkpoint of this MLflow run and its base model side by side."})
     dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "Same sources as fine_tune --dataset."})
     split: str = field(default="test", metadata={"help": "train, validation or test."})
@@ -51,9 +51,13 @@ class EvaluateArguments:
     job_dir: str = field(default="outputs/checkpoints", metadata={"help": "The fine-tuning --output_dir, whose local MLflow store is used when MLFLOW_TRACKING_URI is unset."})
 
 
+def is_mlflow_model(uri: str) -> bool:
+    return uri.startswith(("runs:/", "models:/")) or (Path(uri) / "MLmodel").is_file()
+
+
 def load_scorable(uri: str) -> tuple[Any, Any]:
-    """(model, tokenizer) behind an MLflow model URI or any fine_tune --model source."""
-    if uri.startswith(("runs:/", "models:/")):
+    """(model, tokenizer) behind an MLflow model (URI or folder) or any fine_tune --model source."""
+    if is_mlflow_model(uri):
         try:
             inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
         except Exception as err:  # MLflow raises several types for a missing model
@@ -64,9 +68,9 @@ def load_scorable(uri: str) -> tuple[Any, Any]:
 
 def task_of(uri: str) -> Task:
     """The task saved with a model: in its MLflow metadata or its folder; E2E's when it has none."""
-    if uri.startswith(("runs:/", "models:/")):
+    if is_mlflow_model(uri):
         try:
-            saved = (mlflow.models.get_model_info(uri).metadata or {}).get("extraction_task")
+            saved = (mlflow.models.Model.load(uri).metadata or {}).get("extraction_task")  # no store lookup
         except Exception as err:  # MLflow raises several types for a missing model
             raise InputError(f"cannot load {uri}: {first_line(err)}") from None
         return Task(**saved).checked() if saved else E2E
@@ -121,7 +125,7 @@ def _parse(argv: list[str] | None) -> tuple[EvaluateArguments, Task]:
         raise InputError(f"--dtype must be one of {', '.join(models.INFERENCE_DTYPES)} (got {args.dtype})")
     if args.register_best and not args.compare_run:
         raise InputError("--register_best needs --compare_run")
-    if not args.compare_run and not args.model_uri.startswith(("runs:/", "models:/")):
+    if not args.compare_run and not is_mlflow_model(args.model_uri):
         models.check_source(args.model_uri)  # before the tracking store is created in --job_dir
     data.check_source(args.dataset)
     validation.check_writable(args.job_dir, "--job_dir")

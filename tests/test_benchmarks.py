@@ -26,4 +26,4 @@ def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model(tmp_path):
                         "--test_samples=4", "--quick", f"--work_dir={tmp_path}", launcher=[sys.executable], cwd=REPO,
                         timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"^fine-tuned: slot F1 [\d.]+, .* n 4,", result.stdout, re.MULTILINE)
+    assert re.search(r"^fine-tuned: slots F1 [\d.]+, .* n 4,", result.stdout, re.MULTILINE)

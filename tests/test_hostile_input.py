@@ -196,8 +196,13 @@ CASES = [
          base=base_with("--model=/dev/zero")),
     # datasets
     Case("dataset_dev_zero", ["--dataset=/dev/zero"], "--dataset /dev/zero is not a regular file or folder"),
-    Case("dataset_nested_columns", ["--dataset={case}/data.parquet"], "mr/sentence must be text",
-         setup=parquet({"mr": [[1, 2]] * 8, "ref": ["a"] * 8})),
+    Case("dataset_nested_input", ["--dataset={case}/data.parquet"], "input column ref must hold text, not a list",
+         setup=parquet({"mr": ["name[A]"] * 8, "ref": [[1, 2]] * 8})),
+    Case("input_column_unknown", ["--input_column=body"], "--input_column=body is not a column of dataset embedded:e2e-sample"),
+    Case("instruction_file_missing", ["--instruction=@{case}/missing.txt"], "missing.txt: no such file"),
+    Case("output_format_unknown", ["--output_format=xml"], "--output_format must be one of slots, json, text (got xml)"),
+    Case("targets_not_json", ["--dataset={case}/data.parquet", "--output_format=json"], "target is not a JSON object",
+         setup=parquet({"prompt": ["a ticket"] * 8, "completion": ["severity: high"] * 8})),
     # output paths
     Case("output_dir_empty", [], "--output_dir is empty", base=base_with("--output_dir=")),
     Case("output_dir_name_too_long", [], "is longer than the 255 bytes", base=base_with("--output_dir={case}/" + "x" * 300)),
