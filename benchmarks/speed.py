@@ -150,7 +150,7 @@ def warm_inference_model(source: str, args):
     return model, tokenizer
 
 
-def profile_generation(source: str, sentences: list[str], args) -> None:
+def profile_generation(source: str, inputs: list[str], args) -> None:
     """Where generation time goes, one prompt at a time and batched: torch profiler, top operators."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -160,8 +160,8 @@ def profile_generation(source: str, sentences: list[str], args) -> None:
     for size in (1, args.generation_batch_size):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            generate(model, tokenizer, sentences, max_tokens=args.max_tokens, batch_size=size)
-        print(f"[profile] generation, batch {size}: {len(sentences)} rows in {time.perf_counter() - start:.1f} s", flush=True)
+            generate(model, tokenizer, inputs, max_tokens=args.max_tokens, batch_size=size)
+        print(f"[profile] generation, batch {size}: {len(inputs)} rows in {time.perf_counter() - start:.1f} s", flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
 
 
@@ -226,7 +226,7 @@ def measure_checkpoint_logging(checkpoint: str, args) -> None:
     summary("checkpoint_log_mb", ours_mb, stock_mb, " MB", higher_is_better=False)
 
 
-def measure_generation(source: str, sentences: list[str], args) -> None:
+def measure_generation(source: str, inputs: list[str], args) -> None:
     from databricks_llm.generation import generate
 
     model, tokenizer = warm_inference_model(source, args)
@@ -234,8 +234,8 @@ def measure_generation(source: str, sentences: list[str], args) -> None:
     for _ in range(args.repeats):
         for size, times in ((1, single), (args.generation_batch_size, batched)):
             start = time.perf_counter()
-            generate(model, tokenizer, sentences, max_tokens=args.max_tokens, batch_size=size)
-            times.append(len(sentences) / (time.perf_counter() - start))
+            generate(model, tokenizer, inputs, max_tokens=args.max_tokens, batch_size=size)
+            times.append(len(inputs) / (time.perf_counter() - start))
     summary("generation_examples_per_s", batched, single, " ex/s")
 
 
@@ -276,10 +276,10 @@ def main() -> int:
     print(f"[speed] model {args.model}, data {args.dataset}, batch {args.batch_size}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
     tokenizer = models.load_tokenizer(args.model)
-    splits = data.load_e2e(args.dataset)
+    splits, task = data.load(args.dataset)
     needed = max(args.steps * args.batch_size, args.tracking_steps * args.tracking_batch_size)
     train = data.head(splits["train"], needed)
-    train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256)["train"]
+    train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256, task)["train"]
     model = models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
     if not args.full_fine_tune:
         model = models.add_lora(model, r=8, alpha=16, dropout=args.lora_dropout, target_modules="all-linear",
@@ -292,9 +292,9 @@ def main() -> int:
         measure_checkpoint_logging(checkpoint, args)
     if "profile" in measures:
         profile_training(model, tokenizer, train, args)
-        profile_generation(args.generation_model or args.model, splits["test"]["sentence"][:args.generation_rows], args)
+        profile_generation(args.generation_model or args.model, splits["test"][data.INPUT][:args.generation_rows], args)
     if "generation" in measures:
-        measure_generation(args.generation_model or args.model, splits["test"]["sentence"][:args.generation_rows], args)
+        measure_generation(args.generation_model or args.model, splits["test"][data.INPUT][:args.generation_rows], args)
     return 0
 
 

@@ -50,7 +50,7 @@ class ModelArguments:
 class JobArguments:
     final_model_output_path: str | None = field(default=None, metadata={"help": "Where rank 0 writes the final model and tokenizer (default: <output_dir>/final_model)."})
     deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
-    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (turns on load_best_model_at_end)."})
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (default: the task's eval_f1 when generation evaluation is on; turns on load_best_model_at_end)."})
     registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
 
 
@@ -127,6 +127,8 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
         if values["eval_strategy"] == "no":
             raise InputError("--early_stopping_patience needs evaluations: set --eval_strategy=steps or epoch")
         values["load_best_model_at_end"] = True
+        if values["metric_for_best_model"] is None and data.eval_generation_samples:
+            values["metric_for_best_model"] = "eval_f1"  # the task's metric (greater is better)
     try:
         training = TrainingArguments(**values)
     except ValueError as err:

@@ -70,12 +70,14 @@ def test_evaluate_refuses_an_unknown_split_before_touching_the_job(capsys, tmp_p
     assert not (tmp_path / "job").exists()
 
 
-def test_early_stopping_on_slot_f1_stops_before_max_steps(tiny_model, tmp_path):
+def test_early_stopping_watches_the_tasks_f1_by_default_and_stops_before_max_steps(tiny_model, tmp_path):
     result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}", *QUICK_JOB,
                         "--max_train_samples=8", "--max_steps=20", "--save_steps=2", "--eval_steps=2",
-                        "--eval_generation_samples=2", "--early_stopping_patience=1",
-                        "--metric_for_best_model=eval_slot_f1")
+                        "--eval_generation_samples=2", "--early_stopping_patience=1")
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads(max(tmp_path.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert state["global_step"] < 20
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["metric_for_best_model"] == "eval_f1"
     assert state["best_metric"] is not None
