@@ -25,6 +25,7 @@ import mlflow
 
 from databricks_llm import data, models, runs, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
+from databricks_llm.error_analysis import error_report, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
 from databricks_llm.generation import check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
@@ -79,15 +80,16 @@ def task_of(uri: str) -> Task:
 
 def score_model(uri: str, task: Task, inputs: list[str], references: list[str], batch_size: int, max_tokens: int,
                 dtype: str = "auto") -> dict:
-    """The task's scores of one model, with its predictions and the seconds generation took."""
+    """The task's scores and error report of one model, with its predictions and the seconds generation took."""
     model, tokenizer = load_scorable(uri)
     model = model.to(models.inference_dtype(dtype))
     start = time.time()
     predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size)
-    result = score(task.output_format, predictions, references)
+    result = {**score(task.output_format, predictions, references), **error_report(task.output_format, predictions, references)}
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
     print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)
+    print("\n".join(summary_lines(result)), flush=True)
     return result
 
 
@@ -158,12 +160,13 @@ def _run(argv: list[str] | None) -> None:
             mlflow.log_metrics(metric_dict(row, "", task.output_format), step=row.get("step", 0))
             correct = [exact(task.output_format, p, r) for p, r in zip(row["predictions"], references)]
             mlflow.log_table({"input": inputs, "reference": references, "prediction": row["predictions"],
-                              "correct": correct}, artifact_file=f"predictions{suffix}.json")
+                              "correct": correct, "errors": row["per_record"]}, artifact_file=f"predictions{suffix}.json")
+            mlflow.log_dict({k: row[k] for k in ("errors", "errors_by_field", "wrong_records")}, f"errors{suffix}.json")
         if args.compare_run:
             figure = runs.loss_figure(args.compare_run, [(r["step"], r["f1"]) for r in rows])
             mlflow.log_figure(figure, "loss_and_f1.png")
             mlflow.set_tag("best_model", best["model_uri"])
-    summary = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
+    summary = [{k: v for k, v in r.items() if k not in ("predictions", "per_record")} for r in rows]
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(summary[0] if len(summary) == 1 else

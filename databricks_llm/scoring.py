@@ -83,7 +83,8 @@ def flatten(value: Any, path: str = "") -> list[tuple[str, str]]:
     return [(path, _normal(value))]
 
 
-def _pairs(text: object, output_format: str = "slots") -> Counter:
+def pairs(text: object, output_format: str = "slots") -> Counter:
+    """The normalised (key, value) pairs of an output, as a multiset (none when it does not parse)."""
     if output_format == "json":
         value = parse_json(text)
         return Counter(flatten(value)) if value is not None else Counter()
@@ -98,7 +99,7 @@ def exact(output_format: str, prediction: object, reference: object) -> bool:
     """Exact match: the same multiset of normalised pairs (slots, json), the same words (text)."""
     if output_format == "text":
         return _tokens(prediction) == _tokens(reference)
-    return _pairs(prediction, output_format) == _pairs(reference, output_format)
+    return pairs(prediction, output_format) == pairs(reference, output_format)
 
 
 def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -123,9 +124,9 @@ def score(output_format: str, predictions: list[str], references: list[str]) -> 
         return result
     totals, fields, support = Counter(), {}, Counter()
     for prediction, reference in zip(predictions, references):
-        pred, ref = _pairs(prediction, output_format), _pairs(reference, output_format)
-        for kind, pairs in (("tp", pred & ref), ("fp", pred - ref), ("fn", ref - pred)):
-            for (key, _), count in pairs.items():
+        pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
+        for kind, counted in (("tp", pred & ref), ("fp", pred - ref), ("fn", ref - pred)):
+            for (key, _), count in counted.items():
                 totals[kind] += count
                 fields.setdefault(key, Counter())[kind] += count
         support.update(key for key, _ in ref.elements())
@@ -152,11 +153,12 @@ def _metric_name(field: str) -> str:
 def metric_dict(scores: dict, prefix: str, output_format: str = "slots") -> dict[str, float]:
     """Flat MLflow metric names: `<prefix>f1`, `precision`, `recall`, `exact_match`, `f1_<field>`;
     json adds `json_parse_rate`; slot tasks also keep the older `slot_f1`, `slot_precision`,
-    `slot_recall` and `slot_f1_<slot>` names."""
+    `slot_recall` and `slot_f1_<slot>` names; an error report adds `errors_<type>` counts."""
     metrics = {f"{prefix}{k}": scores[k] for k in ("precision", "recall", "f1", "exact_match")}
     metrics.update({f"{prefix}f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})
     if "parse_rate" in scores:
         metrics[f"{prefix}json_parse_rate"] = scores["parse_rate"]
+    metrics.update({f"{prefix}errors_{kind}": count for kind, count in scores.get("errors", {}).items()})
     if output_format == "slots":
         metrics.update({f"{prefix}slot_{k}": scores[k] for k in ("precision", "recall", "f1")})
         metrics.update({f"{prefix}slot_f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})

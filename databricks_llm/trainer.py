@@ -7,13 +7,15 @@ from typing import Any
 
 from transformers import Trainer
 
+from databricks_llm.error_analysis import error_report
 from databricks_llm.generation import generate
 from databricks_llm.scoring import metric_dict, score
 from databricks_llm.task import Task
 
 
 class GenerationEval:
-    """Generate outputs for a fixed validation subset and score them by the task's output format.
+    """Generate outputs for a fixed validation subset, score them by the task's output format and
+    count their errors by type.
 
     Every rank generates (ZeRO-3 needs all ranks in each forward pass: `synced_gpus`)."""
 
@@ -28,12 +30,14 @@ class GenerationEval:
         predictions = generate(model, self.tokenizer, self.inputs, task=self.task, max_tokens=self.max_tokens,
                                batch_size=self.batch_size, synced_gpus=self.synced_gpus)
         model.train(was_training)
-        return score(self.task.output_format, predictions, self.references)
+        return {**score(self.task.output_format, predictions, self.references),
+                **error_report(self.task.output_format, predictions, self.references)}
 
 
 class ExtractionTrainer(Trainer):
     """A Trainer whose evaluations add the task's scores (`eval_f1`, `eval_exact_match`,
-    `eval_f1_<field>`; slot tasks also `eval_slot_f1`, json tasks `eval_json_parse_rate`) to the
+    `eval_f1_<field>`, `eval_errors_<type>`; slot tasks also `eval_slot_f1`, json tasks
+    `eval_json_parse_rate`) to the
     eval metrics before they are logged, and whose saved models (checkpoints and final) hold the
     task's file.
 

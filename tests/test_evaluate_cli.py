@@ -8,6 +8,7 @@ import mlflow
 
 from conftest import QUICK_JOB, run_module
 from databricks_llm import evaluate as evaluate_cli
+from databricks_llm.error_analysis import ERROR_TYPES
 
 
 def evaluate(job, *flags: str):
@@ -49,7 +50,10 @@ def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tm
     assert evaluation.data.tags["kind"] == "evaluation" and {"f1", "slot_f1"} <= set(evaluation.data.metrics)
     assert evaluation.data.params["output_format"] == "slots"
     table = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/predictions.json")
-    assert table["columns"] == ["input", "reference", "prediction", "correct"] and len(table["data"]) == 4
+    assert table["columns"] == ["input", "reference", "prediction", "correct", "errors"] and len(table["data"]) == 4
+    errors = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/errors.json")
+    assert set(errors["errors"]) == set(ERROR_TYPES) and "errors_missing" in evaluation.data.metrics
+    assert "errors in" in result.stdout
 
 
 def test_compare_mode_scores_base_and_checkpoints_and_registers_the_best(job, tmp_path):

@@ -66,10 +66,11 @@ def test_model_answers_rest_requests_behind_mlflow_models_serve(served_job, serv
     )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", process, seconds=180)
-        body = json.dumps({"dataframe_records": [{"prompt": "Aromi is a pub.", "temperature": 0.4, "max_tokens": 4}]})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
-        assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
+        for body in ({"dataframe_records": [{"prompt": "Aromi is a pub.", "temperature": 0.4, "max_tokens": 4}]},
+                     {"dataframe_records": [{"prompt": "Aromi is a pub."}], "params": {"max_tokens": 4}}):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+            assert len(answer["predictions"]) == 1 and isinstance(answer["predictions"][0], str)
     finally:
         stop(process)

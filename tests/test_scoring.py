@@ -123,3 +123,32 @@ def test_hand_computed_text_scores():
     # row 1: 2 common of 2 predicted / 4 reference tokens -> P 1, R 1/2, F1 2/3; row 2: exact -> 1
     assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((1.0, 3 / 4, 5 / 6))
     assert scores["exact_match"] == 0.5 and scores["per_field"] == {}
+
+
+def test_each_wrong_record_is_classified_by_error_type_and_field():
+    from databricks_llm.error_analysis import closed_vocabulary, record_errors
+
+    reference = "name[Quick Bite], eatType[pub], area[riverside], near[The Crown and Anchor]"
+    vocabulary = closed_vocabulary("slots", [reference])
+    cases = {
+        reference: [],
+        "Sorry, no idea.": [("unparseable", "")],
+        "name[Quick Bite], eatType[pub], area[riverside], near[Quick Bite]": [("wrong_value", "near")],
+        "name[Quick Bite], eatType[pub], near[The Crown and Anchor]": [("missing", "area")],
+        "name[Quick Bite], eatType[pub], eatType[pub], area[riverside], near[The Crown and Anchor]": [("duplicated_key", "eatType")],
+        "name[Quick Bite], eatType[bar], area[riverside], near[The Crown and Anchor], food[Thai]":
+            [("invented", "food"), ("wrong_value", "eatType"), ("out_of_vocabulary", "eatType"), ("out_of_vocabulary", "food")],
+    }
+    for prediction, expected in cases.items():
+        assert record_errors("slots", prediction, reference, vocabulary) == expected, prediction
+
+
+def test_error_report_counts_types_and_fields_for_json_and_text():
+    from databricks_llm.error_analysis import error_report
+
+    report = error_report("json", ['{"product": "VPN"}', '{"product": "VPN"', '{"product": "VPN", "customer": "Acme"}'],
+                          ['{"product": "VPN", "severity": "high"}', '{"product": "VPN"}', '{"product": "VPN"}'])
+    assert report["errors"]["missing"] == 1 and report["errors"]["unparseable"] == 1 and report["errors"]["invented"] == 1
+    assert report["errors_by_field"]["missing"] == {"severity": 1} and report["wrong_records"] == 3
+    assert report["per_record"] == ["missing:severity", "unparseable", "invented:customer"]
+    assert error_report("text", ["a", "b"], ["a", "c"])["per_record"] == ["", "wrong_value:text"]
