@@ -247,7 +247,7 @@ EMBEDDED = {  # name: (rows generator, the task's defaults)
 
 
 def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction: float = 0.05,
-         columns_hint: bool = False) -> tuple[datasets.DatasetDict, Task]:
+         columns_hint: bool = False, need_train: bool = True) -> tuple[datasets.DatasetDict, Task]:
     """Load `dataset` (embedded sample, hub id, local file/folder, or `save_to_disk` folder) for `task`.
 
     Returns train/validation/test splits with text columns `input` and `output`, and the task with
@@ -255,6 +255,7 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
     validation split is a seeded `validation_fraction` hold-out of train; a missing test split
     reuses validation. With `columns_hint` (a task saved with a model, read on another copy of
     the data), the task's columns are used where the dataset has them and detected elsewhere.
+    Without `need_train` (scoring), a dataset may hold only some splits, e.g. just `test`.
     """
     check_source(dataset)
     defaults = Task()
@@ -268,25 +269,28 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
             defaults = Task.of_model(dataset)
     else:
         raw = _load_hub(dataset)
-    if "train" not in raw:
+    raw = {k: v for k, v in raw.items() if k in SPLITS}
+    if "train" not in raw and (need_train or not raw):
         raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
+    main = "train" if "train" in raw else next(iter(raw))  # the split the task is resolved on
     task = dataclasses.replace(defaults.overridden_by(task), prompt_version=task.prompt_version)
-    columns = _columns(raw["train"].column_names, task, dataset, columns_hint)
+    columns = _columns(raw[main].column_names, task, dataset, columns_hint)
     splits = {k: _normalise(k, v, dataset, _columns(v.column_names, task, dataset, columns_hint))
-              for k, v in raw.items() if k in SPLITS}  # each split's own names: files may differ
-    systems = set(splits["train"]["system"]) if columns[0] == CHAT_COLUMN else set()
+              for k, v in raw.items()}  # each split's own names: files may differ
+    systems = set(splits[main]["system"]) if columns[0] == CHAT_COLUMN else set()
     splits = {k: v.remove_columns("system") if "system" in v.column_names else v for k, v in splits.items()}
-    output_format = task.output_format or _detect_format(splits["train"][OUTPUT])
+    output_format = task.output_format or _detect_format(splits[main][OUTPUT])
     splits = {k: _in_format(k, v, output_format, dataset) for k, v in splits.items()}
     task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=output_format,
                                instruction=_instruction(task, columns, output_format, systems))
-    if "validation" not in splits:
+    if "validation" not in splits and "train" in splits:
         try:
             held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
         except ValueError as err:  # e.g. a fraction of a few rows that rounds to none
             raise InputError(f"--validation_fraction={validation_fraction}: {first_line(err, 200)}") from None
         splits["train"], splits["validation"] = held["train"], held["test"]
-    splits.setdefault("test", splits["validation"])
+    if "validation" in splits:
+        splits.setdefault("test", splits["validation"])
     return datasets.DatasetDict(splits), task
 
 

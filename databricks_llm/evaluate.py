@@ -142,6 +142,8 @@ def _run(argv: list[str] | None) -> None:
     models_ = candidates(args.compare_run) if args.compare_run else [(None, 0, args.model_uri)]
     saved = task_of(models_[-1][2])  # a run's checkpoints share one task; its base model is scored on it
     splits, task = _load(args.dataset, saved, flags)
+    if args.split not in splits:
+        raise InputError(f"dataset {args.dataset} has no {args.split} split (found: {', '.join(splits)})")
     split = data.head(splits[args.split], args.max_samples)
     inputs, references = split[data.INPUT], split[data.OUTPUT]
     rows = [{**score_model(uri, task, inputs, references, args.batch_size, args.max_tokens, args.dtype),
@@ -179,7 +181,7 @@ def _load(dataset: str, saved: Task, flags: Task) -> tuple[datasets.DatasetDict,
     """The dataset for the model's task: columns from the flags (strictly), else the saved task's
     when the dataset has them, else detected; instruction and format from the flags or the model."""
     hint = not (flags.input_column or flags.output_column)
-    return data.load(dataset, saved.overridden_by(flags), columns_hint=hint)
+    return data.load(dataset, saved.overridden_by(flags), columns_hint=hint, need_train=False)
 
 
 def _register(best: dict, name: str, alias: str) -> None:

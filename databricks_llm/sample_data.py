@@ -126,3 +126,57 @@ def tickets(n: int, seed: int = 0) -> list[dict[str, str]]:
         text, fields = _ticket(rng)
         rows.append({"prompt": text, "completion": json.dumps(fields)})
     return rows
+
+
+# Names that never occur in the E2E NLG data (nor in NAMES/NEAR above): the generalization test set
+# checks that a model extracts names it has never seen, as users' data is full of them.
+UNSEEN_NAMES = [
+    "The Crown and Anchor", "Bite Street Diner", "Saffron Lane", "The Copper Kettle", "Blue Heron", "Mama Rosa's",
+    "The Hungry Fox", "Little Lisbon", "The Old Granary", "Golden Lotus", "Harbour Lights", "The Salt House",
+    "Pepper Tree", "The Black Swan Inn", "Noodle Nook", "The Red Lion", "Kasbah Kitchen", "The Lantern Room",
+    "Olive and Vine", "Sakura Garden", "The Bramble", "Casa Verde", "The Fat Pigeon", "Maple and Rye",
+    "The Jolly Miller", "Spice Route", "The Tin Pot", "Wild Garlic", "Bombay Brasserie", "The Pickled Onion",
+    "Chez Margot", "The Green Door", "Tandoor Palace", "The Gilded Pear", "Harvest Moon", "The Fox and Hounds",
+]
+UNSEEN_NEAR = [
+    "the Corn Exchange", "St Mary's Church", "Riverside Cinema", "the Botanic Garden", "Magdalene Bridge",
+    "the Lion Yard", "Station Road Hotel", "the Fitzwilliam Museum", "Parker's Piece", "the Leisure Park",
+    "Quayside Market", "the Guildhall", "Midsummer Common", "the Arts Theatre", "Hobson's Conduit",
+]
+_FAMILY = {"yes": ["It is family friendly.", "Children are welcome.", "It is kid friendly."],
+           "no": ["It is not family friendly.", "It is not suitable for children.", "It is adults only."]}
+
+
+def _unseen_example(rng: random.Random) -> tuple[str, str]:
+    """One (sentence, MR) pair with an unseen name and near place, in one of several phrasings."""
+    slots: dict[str, str] = {"name": rng.choice(UNSEEN_NAMES), "eatType": rng.choice(EAT_TYPES)}
+    choices = {"food": FOODS, "priceRange": list(PRICES), "customer rating": list(RATINGS), "area": list(AREAS),
+               "familyFriendly": ["yes", "no"], "near": UNSEEN_NEAR}
+    for key in rng.sample(list(choices), rng.randint(2, 5)):
+        slots[key] = rng.choice(choices[key])
+    mr = ", ".join(f"{k}[{slots[k]}]" for k in ["name", "eatType", *choices] if k in slots)
+    kind = f"{slots['food']} {slots['eatType']}" if "food" in slots else slots["eatType"]
+    where = " ".join(p for p in (AREAS[slots["area"]] if "area" in slots else "",
+                                 f"near {slots['near']}" if "near" in slots else "") if p)
+    extras = []
+    if "priceRange" in slots:
+        phrase = PRICES[slots["priceRange"]]
+        extras.append(f"it {phrase}" if phrase.startswith("costs") else f"it is {phrase}")
+    if "customer rating" in slots:
+        extras.append(f"it has {RATINGS[slots['customer rating']]}")
+    openings = [f"{slots['name']} is a {kind}" + (f" {where}" if where else "") + ".",
+                (f"{where[0].upper() + where[1:]}, you will find {slots['name']}, a {kind}." if where
+                 else f"There is a {kind} called {slots['name']}."),
+                f"If you want a {kind}, try {slots['name']}" + (f" {where}" if where else "") + "."]
+    sentence = re.sub(r"\ba ([AEIOU])", r"an \1", rng.choice(openings))
+    if extras:
+        sentence += " " + " and ".join(extras)[0].upper() + " and ".join(extras)[1:] + "."
+    if "familyFriendly" in slots:
+        sentence += " " + rng.choice(_FAMILY[slots["familyFriendly"]])
+    return sentence, mr
+
+
+def unseen_names(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` E2E-style rows (`mr`, `sentence`) whose names and near places never occur in E2E."""
+    rng = random.Random(seed)
+    return [dict(zip(("sentence", "mr"), _unseen_example(rng))) for _ in range(n)]
