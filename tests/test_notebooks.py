@@ -127,6 +127,24 @@ def test_chain_runner_writes_a_timestamped_folder_and_logs_it_to_the_job_run(tmp
 
 
 @pytest.mark.slow
+def test_data_notebook_takes_a_users_own_columns_instruction_file_and_format(tiny_model, tmp_path):
+    """A user's JSONL with their own column names and an instruction file, relative to the project."""
+    import pandas as pd
+
+    rows = sample_data.tickets(20, seed=3)
+    pd.DataFrame({"body": [r["prompt"] for r in rows], "fields": [r["completion"] for r in rows]}).to_json(
+        tmp_path / "tickets.jsonl", orient="records", lines=True)
+    (tmp_path / "instruction.txt").write_text("Return the ticket's product, severity and customer as JSON.\n")
+    execute(CHAIN[0], tmp_path / "1.ipynb", NOTEBOOKS, {
+        "dataset": str(tmp_path / "tickets.jsonl"), "input_column": "body", "output_column": "fields",
+        "instruction": f"@{tmp_path / 'instruction.txt'}", "output_format": "json", "model": str(tiny_model),
+        "prepared_path": str(tmp_path / "prepared")})
+    saved = json.loads((tmp_path / "prepared" / "extraction_task.json").read_text())
+    assert saved["instruction"] == "Return the ticket's product, severity and customer as JSON."
+    assert saved["output_format"] == "json" and "Return the ticket's product" in outputs_text(tmp_path / "1.ipynb")
+
+
+@pytest.mark.slow
 def test_chain_runs_the_shipped_support_ticket_task_from_the_data_parameter_alone(tiny_model, tmp_path):
     """The second worked example: only the dataset changes; notebook 1 resolves and saves the task,
     the job trains on it, notebook 3 scores JSON fields with the model's own instruction."""

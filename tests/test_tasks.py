@@ -180,3 +180,13 @@ def test_evaluate_scores_a_model_logged_before_tasks_as_e2e_slots(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["instruction"] == E2E_INSTRUCTION and run.data.params["prompt_version"] == "v2"
+
+
+def test_prepared_data_carries_its_task_so_training_needs_no_task_flags(tmp_path):
+    rows = [chat("Extract the ticket fields as JSON.", r["prompt"], r["completion"]) for r in TICKETS]
+    splits, task = data.load(write(tmp_path, rows))
+    data.save_prepared(splits, task, str(tmp_path / "prepared"))
+    again, reloaded = data.load(str(tmp_path / "prepared"))
+    assert (reloaded.instruction, reloaded.output_format) == (task.instruction, "json")
+    assert (reloaded.input_column, reloaded.output_column) == ("input", "output")
+    assert again["train"]["output"] == splits["train"]["output"]
