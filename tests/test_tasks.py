@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -18,7 +20,7 @@ from databricks_llm.errors import InputError
 from databricks_llm.scoring import parse_mr
 from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS, TASK_FILE, Task
 
-LEGACY_MODEL = REPO / "tests" / "fixtures" / "legacy_model"
+LEGACY_ARCHIVE = REPO / "tests" / "fixtures" / "legacy_model.tar.gz"
 TICKETS = sample_data.tickets(12, seed=5)
 
 
@@ -163,16 +165,25 @@ def test_params_are_honoured_as_mlflow_declares_them_and_a_rows_own_value_wins(l
     assert len(long) > 40 and len(short) < 25
 
 
-def test_a_model_logged_before_tasks_were_saved_still_serves_the_e2e_task():
-    script = (f"import mlflow; m = mlflow.pyfunc.load_model({str(LEGACY_MODEL)!r}); "
+@pytest.fixture(scope="module")
+def legacy_model(tmp_path_factory) -> Path:
+    """The model logged by the code before tasks were saved (see tests/fixtures/README.md)."""
+    folder = tmp_path_factory.mktemp("legacy")
+    with tarfile.open(LEGACY_ARCHIVE) as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "legacy_model"
+
+
+def test_a_model_logged_before_tasks_were_saved_still_serves_the_e2e_task(legacy_model):
+    script = (f"import mlflow; m = mlflow.pyfunc.load_model({str(legacy_model)!r}); "
               "print(repr(m.predict({'prompt': 'Aromi is a pub.', 'temperature': 0.0, 'max_tokens': 4})))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith("['")
 
 
-def test_evaluate_scores_a_model_logged_before_tasks_as_e2e_slots(tmp_path):
-    result = run_module("databricks_llm.evaluate", f"--model_uri={LEGACY_MODEL}", "--max_samples=4", "--max_tokens=4",
+def test_evaluate_scores_a_model_logged_before_tasks_as_e2e_slots(legacy_model, tmp_path):
+    result = run_module("databricks_llm.evaluate", f"--model_uri={legacy_model}", "--max_samples=4", "--max_tokens=4",
                         f"--job_dir={tmp_path}", f"--output_json={tmp_path / 'scores.json'}")
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads((tmp_path / "scores.json").read_text())
