@@ -37,18 +37,22 @@ PATH_FLAGS = ("--output_dir", "--final_model_output_path", "--logging_dir", "--m
 def absolute_paths(args: list[str]) -> list[str]:
     """Make relative paths in path flags absolute: Spark tasks run in their own working folders.
 
-    Output paths always; input paths only when they exist here (otherwise they are hub ids).
+    Output paths always; input paths only when they exist here (otherwise they are hub ids); an
+    `--instruction=@file` when the file exists here.
     """
     out = list(args)
     for i, arg in enumerate(out):
         name, eq, value = arg.partition("=")
-        if name not in PATH_FLAGS:
+        if name not in (*PATH_FLAGS, "--instruction"):
             continue
         index, value = (i, value) if eq else (i + 1, out[i + 1] if i + 1 < len(out) else "")
-        path = Path(value)
+        prefix = "@" if name == "--instruction" else ""
+        if not value.startswith(prefix):
+            continue
+        path = Path(value[len(prefix):])
         is_output = name in PATH_FLAGS[:3]
         if value and not path.is_absolute() and (is_output or path.exists()) and value.lower() != "true":
-            out[index] = (f"{name}=" if eq else "") + str(path.resolve())
+            out[index] = (f"{name}=" if eq else "") + prefix + str(path.resolve())
     return out
 
 

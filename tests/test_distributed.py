@@ -32,10 +32,13 @@ def global_step(checkpoint: Path) -> int:
 def test_relative_paths_become_absolute_for_tasks_in_other_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("x")
+    (tmp_path / "instruction.txt").write_text("Find the name.")
     args = distributed.absolute_paths(["--output_dir=out", "--dataset", "data.csv", "--model=org/hub-id",
-                                       "--resume_from_checkpoint=true", "--learning_rate=1e-3"])
+                                       "--resume_from_checkpoint=true", "--learning_rate=1e-3",
+                                       "--instruction=@instruction.txt", "--instruction", "Find the name."])
     assert args == [f"--output_dir={tmp_path / 'out'}", "--dataset", str(tmp_path / "data.csv"), "--model=org/hub-id",
-                    "--resume_from_checkpoint=true", "--learning_rate=1e-3"]
+                    "--resume_from_checkpoint=true", "--learning_rate=1e-3",
+                    f"--instruction=@{tmp_path / 'instruction.txt'}", "--instruction", "Find the name."]
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
