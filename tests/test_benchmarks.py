@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -27,3 +29,14 @@ def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model(tmp_path):
                         timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"^fine-tuned: slots F1 [\d.]+, .* n 4,", result.stdout, re.MULTILINE)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the script would run")
+def test_gpu_script_stops_at_once_without_cuda_with_one_error_line(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable, "WORK": str(tmp_path / "work")})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: benchmarks/gpu.sh needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
+        "GPU figures are not measured here"]
+    assert result.stdout == "" and not (tmp_path / "work").exists()  # nothing started, nothing written
