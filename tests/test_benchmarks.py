@@ -40,3 +40,10 @@ def test_gpu_script_stops_at_once_without_cuda_with_one_error_line(tmp_path):
         "error: benchmarks/gpu.sh needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
         "GPU figures are not measured here"]
     assert result.stdout == "" and not (tmp_path / "work").exists()  # nothing started, nothing written
+
+
+def test_trl_peer_benchmark_quick_mode_prints_both_ratios(tiny_model):
+    result = run_module(str(REPO / "benchmarks" / "trl_peer.py"), "--quick", f"--model={tiny_model}",
+                        "--dataset=embedded:e2e-sample", launcher=[sys.executable], cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SUMMARY.findall(result.stdout) == ["useful_tokens_per_s", "seconds_per_step"]
