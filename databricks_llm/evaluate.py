@@ -74,7 +74,7 @@ def task_of(uri: str) -> Task:
             saved = (mlflow.models.Model.load(uri).metadata or {}).get("extraction_task")  # no store lookup
         except Exception as err:  # MLflow raises several types for a missing model
             raise InputError(f"cannot load {uri}: {first_line(err)}") from None
-        return Task(**saved).checked() if saved else E2E
+        return Task.from_dict(saved) if saved else E2E
     return Task.of_model(uri) if Path(uri).is_dir() else E2E
 
 

@@ -77,16 +77,20 @@ class Task:
         (Path(folder) / TASK_FILE).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
+    def from_dict(cls, saved: dict) -> Task:
+        """A saved task (keys this version does not know are ignored), checked."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known}).checked()
+
+    @classmethod
     def of_model(cls, folder: str | Path | None) -> Task:
         """The task saved with a model, or E2E's for models saved before tasks were (and base models)."""
         path = Path(folder) / TASK_FILE if folder else None
         if path is None or not path.is_file():
             return E2E
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in saved.items() if k in known}).checked()
-        except (ValueError, TypeError, InputError) as err:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, AttributeError, InputError) as err:
             raise InputError(f"{path} is not a valid task file: {err}") from None
 
 
