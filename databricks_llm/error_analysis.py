@@ -32,11 +32,10 @@ def closed_vocabulary(output_format: str, references: list[str]) -> dict[str, se
     for reference in references:
         for (key, value), count in pairs(reference, output_format).items():
             seen.setdefault(key, Counter())[value] += count
-    vocabulary = {key: set(values) for key, values in seen.items()
-                  if len(values) <= CLOSED_AT_MOST and sum(values.values()) >= 3 * len(values)}
-    if seen and set(seen) <= set(E2E_SLOTS):  # an E2E task: its own closed slots, whatever this sample holds
-        vocabulary.update({key: {v.lower() for v in values} for key, values in E2E_VOCABULARY.items()})
-    return vocabulary
+    if seen and set(seen) <= set(E2E_SLOTS):  # an E2E task: its six closed slots, whatever this sample holds
+        return {key: {v.lower() for v in values} for key, values in E2E_VOCABULARY.items()}
+    return {key: set(values) for key, values in seen.items()
+            if len(values) <= CLOSED_AT_MOST and sum(values.values()) >= 3 * len(values)}
 
 
 def record_errors(output_format: str, prediction: str, reference: str,
