@@ -47,6 +47,31 @@ def summary(name: str, ours: list[float], baseline: list[float], unit: str = "",
           flush=True)
 
 
+LORA = dict(r=8, lora_alpha=16, target_modules="all-linear")  # the benchmarks' adapters
+
+
+def training_setup(args, rows: int, shuffle: bool = False, lora: bool = True, lora_dropout: float = 0.0):
+    """What fine_tune builds before training, for the benchmarks: the tokenizer, the dataset's splits
+    and task, its first `rows` training rows raw and tokenized (after a seeded shuffle if asked), and
+    the model in the benchmark's dtype, LoRA-wrapped (`LORA`) unless `lora` is false."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from databricks_llm import data, models
+
+    datasets.disable_progress_bars()
+    tokenizer = models.load_tokenizer(args.model)
+    splits, task = data.load(args.dataset)
+    raw = data.head(splits["train"].shuffle(seed=0) if shuffle else splits["train"], rows)
+    tokenized = data.tokenize_splits(datasets.DatasetDict(train=raw), tokenizer, 256, task)["train"]
+    model = models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
+    if lora:
+        model = models.add_lora(model, r=LORA["r"], alpha=LORA["lora_alpha"], dropout=lora_dropout,
+                                target_modules=LORA["target_modules"], gradient_checkpointing=False, use_4bit=False)
+    return SimpleNamespace(tokenizer=tokenizer, splits=splits, task=task, raw=raw, tokenized=tokenized, model=model)
+
+
 def seed_style(row: dict, pad: int) -> dict:
     """The original pipeline's row: padded to 256 tokens, loss on every real token."""
     ids = row["input_ids"][:SEED_LENGTH]
@@ -268,22 +293,13 @@ def main() -> int:
         args.steps, args.tracking_steps, args.save_steps, args.repeats, args.tracking_batch_size = 2, 2, 2, 1, 1
         args.batch_size, args.generation_rows, args.max_tokens = 2, 4, 8
 
-    import datasets
+    from databricks_llm import data
 
-    from databricks_llm import data, models
-
-    datasets.disable_progress_bars()
     print(f"[speed] model {args.model}, data {args.dataset}, batch {args.batch_size}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
-    tokenizer = models.load_tokenizer(args.model)
-    splits, task = data.load(args.dataset)
     needed = max(args.steps * args.batch_size, args.tracking_steps * args.tracking_batch_size)
-    train = data.head(splits["train"], needed)
-    train = data.tokenize_splits(datasets.DatasetDict(train=train), tokenizer, 256, task)["train"]
-    model = models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
-    if not args.full_fine_tune:
-        model = models.add_lora(model, r=8, alpha=16, dropout=args.lora_dropout, target_modules="all-linear",
-                                gradient_checkpointing=False, use_4bit=False)
+    setup = training_setup(args, needed, lora=not args.full_fine_tune, lora_dropout=args.lora_dropout)
+    tokenizer, splits, train, model = setup.tokenizer, setup.splits, setup.tokenized, setup.model
     measures = args.measures.split(",")
     if "tokens" in measures:
         measure_tokens_and_mfu(model, tokenizer, train, args)

@@ -26,9 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import E2E, summary, train_seconds  # noqa: E402  (a sibling script)
-
-LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+from speed import E2E, LORA, summary, train_seconds, training_setup  # noqa: E402  (a sibling script)
 
 
 def trl_seconds(model_source: str, rows, task, tokenizer, args) -> float:
@@ -50,7 +48,7 @@ def trl_seconds(model_source: str, rows, task, tokenizer, args) -> float:
                            max_length=256, completion_only_loss=True, gradient_checkpointing=False,
                            padding_free=args.padding_free)
         trainer = SFTTrainer(model=model, args=config, train_dataset=conversational, processing_class=tokenizer,
-                             peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+                             peft_config=LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **LORA))
         return trainer.train().metrics["train_runtime"]
 
 
@@ -67,21 +65,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.batch_size = 2, 1, 2
-    import datasets
+    from databricks_llm import data
 
-    from databricks_llm import data, models
-
-    datasets.disable_progress_bars()
     print(f"[trl] model {args.model}, data {args.dataset}, batch {args.batch_size}, {args.steps} steps, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
-    tokenizer = models.load_tokenizer(args.model)
-    splits, task = data.load(args.dataset)
-    rows = data.head(splits["train"].shuffle(seed=0), args.steps * args.batch_size)
-    ours_rows = data.tokenize_splits(datasets.DatasetDict(train=rows), tokenizer, 256, task)["train"]
+    setup = training_setup(args, args.steps * args.batch_size, shuffle=True)
+    tokenizer, task, rows, ours_rows, model = setup.tokenizer, setup.task, setup.raw, setup.tokenized, setup.model
     useful = sum(sum(1 for label in r["labels"] if label != -100) for r in ours_rows)
-    model = models.add_lora(models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None),
-                            r=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
-                            target_modules=LORA["target_modules"], gradient_checkpointing=False, use_4bit=False)
     collate = data.collator(model, tokenizer)
     train_seconds(model, ours_rows.select(range(args.batch_size)), collate, args)  # warm-up, untimed
     trl_seconds(args.model, rows.select(range(args.batch_size)), task, tokenizer, args)
