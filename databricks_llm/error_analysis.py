@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 from databricks_llm import sample_data
-from databricks_llm.scoring import E2E_SLOTS, exact, parse_json, parse_mr, pairs
+from databricks_llm.scoring import E2E_SLOTS, exact, pairs, parse_json, parse_mr, score
 
 ERROR_TYPES = ("unparseable", "missing", "invented", "wrong_value", "duplicated_key", "out_of_vocabulary")
 CLOSED_AT_MOST = 12
@@ -78,6 +78,11 @@ def error_report(output_format: str, predictions: list[str], references: list[st
     return {"errors": {t: by_type[t] for t in ERROR_TYPES},
             "errors_by_field": {t: dict(c.most_common()) for t, c in by_field.items() if c},
             "wrong_records": sum(1 for r in per_record if r), "per_record": per_record}
+
+
+def scores_and_errors(output_format: str, predictions: list[str], references: list[str]) -> dict:
+    """The task's scores (`scoring.score`) and this error report in one dict, as evaluations log them."""
+    return {**score(output_format, predictions, references), **error_report(output_format, predictions, references)}
 
 
 def summary_lines(report: dict) -> list[str]:

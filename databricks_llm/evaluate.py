@@ -25,11 +25,11 @@ import mlflow
 
 from databricks_llm import data, models, runs, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
-from databricks_llm.error_analysis import error_report, summary_lines
+from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
 from databricks_llm.generation import check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
-from databricks_llm.scoring import exact, metric_dict, score
+from databricks_llm.scoring import exact, metric_dict
 from databricks_llm.task import E2E, Task
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE
 
@@ -85,7 +85,7 @@ def score_model(uri: str, task: Task, inputs: list[str], references: list[str], 
     model = model.to(models.inference_dtype(dtype))
     start = time.time()
     predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size)
-    result = {**score(task.output_format, predictions, references), **error_report(task.output_format, predictions, references)}
+    result = scores_and_errors(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
     print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)

@@ -7,9 +7,9 @@ from typing import Any
 
 from transformers import Trainer
 
-from databricks_llm.error_analysis import error_report
+from databricks_llm.error_analysis import scores_and_errors
 from databricks_llm.generation import generate
-from databricks_llm.scoring import metric_dict, score
+from databricks_llm.scoring import metric_dict
 from databricks_llm.task import Task
 
 
@@ -30,8 +30,7 @@ class GenerationEval:
         predictions = generate(model, self.tokenizer, self.inputs, task=self.task, max_tokens=self.max_tokens,
                                batch_size=self.batch_size, synced_gpus=self.synced_gpus)
         model.train(was_training)
-        return {**score(self.task.output_format, predictions, self.references),
-                **error_report(self.task.output_format, predictions, self.references)}
+        return scores_and_errors(self.task.output_format, predictions, self.references)
 
 
 class ExtractionTrainer(Trainer):
