@@ -16,7 +16,7 @@ DATASET=${DATASET:-embedded:e2e-sample}
 STEPS=${STEPS:-60}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
-if [ ! -x "$PY" ]; then
+if ! command -v "$PY" > /dev/null; then  # a path (.venv/bin/python) or a command on PATH (python3)
     echo "error: benchmarks/gpu.sh: no Python at $PY (run make setup, or set PYTHON)" >&2
     exit 2
 fi
@@ -53,9 +53,11 @@ if "$PY" -c 'import bitsandbytes' 2>/dev/null; then
 else
     printf "qlora_4bit\tskipped: bitsandbytes is not installed (pip install bitsandbytes)\t0\t\n" >> "$RESULTS"
 fi
-stage zero3_all_gpus 150 "$(dirname "$PY")/deepspeed" --num_gpus="$GPUS" --module databricks_llm.fine_tune \
+DEEPSPEED=("$(dirname "$PY")/deepspeed")  # the launcher beside the venv's Python, else the same launcher as a module
+[ -x "${DEEPSPEED[0]}" ] || DEEPSPEED=("$PY" -m deepspeed.launcher.runner)
+stage zero3_all_gpus 150 "${DEEPSPEED[@]}" --num_gpus="$GPUS" --module databricks_llm.fine_tune \
     --deepspeed_config=ds_configs/ds_zero_3.json --use_lora=false --output_dir="$WORK/zero3" "${TRAIN[@]}"
-stage speed 150 "$PY" benchmarks/speed.py --model="$MODEL" --dataset="$DATASET" --bf16 --batch_size=32 --steps=20 \
+stage speed 150 "$PY" benchmarks/speed.py --model="$MODEL" --dataset="$DATASET" --bf16 --batch_size=32 --steps=12 \
     --repeats=1 --measures=tokens,generation --generation_rows=64 --generation_batch_size=64
 
 "$PY" - "$RESULTS" "$STEPS" "$WORK/speed.log" <<'EOF'
