@@ -15,6 +15,8 @@ MODEL=${MODEL:-embedded:smollm2-135m-instruct}
 DATASET=${DATASET:-embedded:e2e-sample}
 STEPS=${STEPS:-60}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+# DeepSpeed 0.19.8 cannot parse arch-specific entries ("9.0a", seen in a CUDA image) when it builds FusedAdam
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed 's/\([0-9]\)a\b/\1/g')
 
 if ! command -v "$PY" > /dev/null; then  # a path (.venv/bin/python) or a command on PATH (python3)
     echo "error: benchmarks/gpu.sh: no Python at $PY (run make setup, or set PYTHON)" >&2

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from transformers import TrainerCallback
 
 from databricks_llm import tracking
@@ -59,3 +61,31 @@ class StopOnSignal(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.stop.deferring = False
         self.stop.check()
+
+
+class SaveAtMinutes(TrainerCallback):
+    """Save a checkpoint at the first step end after each of `minutes` of training (wall clock
+    from the first step), so one run yields the checkpoints of several time budgets.
+
+    Under several processes rank 0's clock decides for all (saving is collective under ZeRO-3)."""
+
+    def __init__(self, minutes: list[float]) -> None:
+        self.marks = [m * 60 for m in minutes]
+        self.start = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.marks:
+            return
+        due = float(time.monotonic() - self.start >= self.marks[0])
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([due], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(flag, src=0)
+            due = flag.item()
+        if due:
+            self.marks.pop(0)
+            control.should_save = True

@@ -17,6 +17,7 @@ from typing import Any
 
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.errors import InputError, first_line
+from databricks_llm.generation import STRUCTURED_DEFAULT
 from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.task import Task
 from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
@@ -29,6 +30,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
     eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log the task's F1 and exact match (0: off)."})
+    structured_decoding: bool = field(default=STRUCTURED_DEFAULT, metadata={"help": "Confine the outputs generated at each evaluation to the task's format (as evaluate --structured_decoding)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
 
 
@@ -52,6 +54,20 @@ class JobArguments:
     deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (default: the task's eval_f1 when generation evaluation is on; turns on load_best_model_at_end)."})
     registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
+    save_minutes: str | None = field(default=None, metadata={"help": "Also save a checkpoint once training has run this many minutes, comma-separated (e.g. 5,10,20): checkpoints of a time budget."})
+
+    def minutes(self) -> list[float]:
+        """`save_minutes` as sorted numbers; InputError names a value that is not a positive number."""
+        marks = []
+        for text in (self.save_minutes or "").split(","):
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not (value > 0 and value != float("inf")):
+                raise InputError(f"--save_minutes takes positive numbers of minutes, comma-separated (got {text.strip()!r})")
+            marks.append(value)
+        return sorted(marks)
 
 
 @dataclass
@@ -162,6 +178,8 @@ def _check(config: JobConfig) -> None:
     if config.job.deepspeed_config:
         runtime.check_deepspeed_config(config.job.deepspeed_config, training)
     validation.check_writable(config.job.final_model_output_path, "--final_model_output_path")
+    if config.job.save_minutes is not None:
+        config.job.minutes()
     models.check_source(model.model)
     models.check_source(model.tokenizer, "tokenizer")
     data.check_source(config.data.dataset)

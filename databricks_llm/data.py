@@ -21,7 +21,7 @@ import datasets
 import pandas as pd
 import torch
 
-from databricks_llm import sample_data
+from databricks_llm import constraints, sample_data
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.scoring import parse_json, parse_mr
 from databricks_llm.task import (E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS,
@@ -283,6 +283,9 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
     splits = {k: _in_format(k, v, output_format, dataset) for k, v in splits.items()}
     task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=output_format,
                                instruction=_instruction(task, columns, output_format, systems))
+    if task.schema is None and "train" in splits:
+        schema = constraints.schema_of(output_format, splits["train"][OUTPUT])
+        task = dataclasses.replace(task, schema=schema.to_json() if schema else None)
     if "validation" not in splits and "train" in splits:
         try:
             held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)

@@ -27,7 +27,7 @@ from databricks_llm import data, models, runs, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
-from databricks_llm.generation import check_settings, generate
+from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.scoring import exact, metric_dict
 from databricks_llm.task import E2E, Task
@@ -45,6 +45,7 @@ class EvaluateArguments:
     max_samples: int = field(default=200, metadata={"help": "Score the first N rows of the split (0: all)."})
     batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     max_tokens: int = field(default=128, metadata={"help": "Most new tokens per prediction."})
+    structured_decoding: bool = field(default=STRUCTURED_DEFAULT, metadata={"help": "Confine each output to the task's format: its fields (each at most once) and closed values, valid JSON for json tasks."})
     dtype: str = field(default="auto", metadata={"help": "Weights for generation: auto (bf16 on a GPU, float32 on a CPU), float32 or bfloat16 (faster on CPUs with AVX512-BF16; see docs/benchmarks.md)."})
     output_json: str | None = field(default=None, metadata={"help": "Write the scores here as JSON."})
     register_best: str | None = field(default=None, metadata={"help": "With --compare_run: register the best checkpoint under this model name."})
@@ -79,12 +80,13 @@ def task_of(uri: str) -> Task:
 
 
 def score_model(uri: str, task: Task, inputs: list[str], references: list[str], batch_size: int, max_tokens: int,
-                dtype: str = "auto") -> dict:
+                dtype: str = "auto", structured: bool = STRUCTURED_DEFAULT) -> dict:
     """The task's scores and error report of one model, with its predictions and the seconds generation took."""
     model, tokenizer = load_scorable(uri)
     model = model.to(models.inference_dtype(dtype))
     start = time.time()
-    predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size)
+    predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size,
+                           structured=structured)
     result = scores_and_errors(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
@@ -146,7 +148,8 @@ def _run(argv: list[str] | None) -> None:
         raise InputError(f"dataset {args.dataset} has no {args.split} split (found: {', '.join(splits)})")
     split = data.head(splits[args.split], args.max_samples)
     inputs, references = split[data.INPUT], split[data.OUTPUT]
-    rows = [{**score_model(uri, task, inputs, references, args.batch_size, args.max_tokens, args.dtype),
+    rows = [{**score_model(uri, task, inputs, references, args.batch_size, args.max_tokens, args.dtype,
+                           args.structured_decoding),
              **({"name": name, "step": step} if args.compare_run else {})} for name, step, uri in models_]
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
@@ -156,7 +159,7 @@ def _run(argv: list[str] | None) -> None:
     with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags=tags):
         mlflow.log_params({"dataset": args.dataset, "split": args.split, "n": len(inputs), "dtype": args.dtype,
                            "model_uri": args.model_uri if not args.compare_run else f"compare:{args.compare_run}",
-                           **task.to_dict()})
+                           "structured_decoding": args.structured_decoding, **task.params()})
         for row in rows:
             suffix = f"_{row['name']}" if args.compare_run else ""
             mlflow.log_metrics(metric_dict(row, "", task.output_format), step=row.get("step", 0))

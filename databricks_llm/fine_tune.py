@@ -24,7 +24,7 @@ import datasets  # noqa: E402
 
 from databricks_llm import config as job_config  # noqa: E402
 from databricks_llm import data, models, outputlock, runtime, tracking  # noqa: E402
-from databricks_llm.callbacks import MLflowLogger, StopOnSignal  # noqa: E402
+from databricks_llm.callbacks import MLflowLogger, SaveAtMinutes, StopOnSignal  # noqa: E402
 from databricks_llm.config import JobConfig  # noqa: E402
 from databricks_llm.errors import exit_code  # noqa: E402
 
@@ -132,7 +132,7 @@ class FineTuneJob:
             return None
         subset = data.head(self.splits["validation"].shuffle(seed=training.seed), samples)
         return GenerationEval(self.tokenizer, self.task, subset[data.INPUT], subset[data.OUTPUT],
-                              batch_size=training.per_device_eval_batch_size,
+                              batch_size=training.per_device_eval_batch_size, structured=self.config.data.structured_decoding,
                               synced_gpus=is_deepspeed_zero3_enabled() and self.process.world_size > 1)
 
     def _callbacks(self, run: tracking.JobRun | None) -> list:
@@ -146,6 +146,8 @@ class FineTuneJob:
             from torch.utils.tensorboard import SummaryWriter
 
             callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(self.config.tracking.tensorboard_dir)))
+        if self.config.job.save_minutes:
+            callbacks.append(SaveAtMinutes(self.config.job.minutes()))
         if self.config.job.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=self.config.job.early_stopping_patience))
         return callbacks
@@ -160,7 +162,7 @@ class FineTuneJob:
             params.update({f"lora_{k}": v for k, v in model.peft_config["default"].to_dict().items()})
         params.update({f"{k}_rows": len(v) for k, v in self.splits.items()}, world_size=self.process.world_size,
                       nodes=self.process.nodes)
-        params.update(self.task.to_dict())  # as resolved against the data (the flags' values may be unset)
+        params.update(self.task.params())  # as resolved against the data (the flags' values may be unset)
         tracking.log_params(params, flatten=settings.flatten_params)
         tracking.set_tags(config.model.model, self.task, settings.tags)
         for split in ("train", "validation"):

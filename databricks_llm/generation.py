@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
+from databricks_llm import constraints
 from databricks_llm.data import encode_prompts, padded
 from databricks_llm.errors import InputError
 from databricks_llm.task import E2E, Task
 
 MAX_TOKENS_CAP = 512
+STRUCTURED_DEFAULT = False  # structured decoding (`constraints`) unless a caller says otherwise
 MAX_INPUT_CHARS = 4000
 
 
@@ -27,30 +32,75 @@ def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> t
 
 
 def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E, max_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False) -> list[str]:
-    """Complete the task's prompts for `inputs` in left-padded batches; greedy when temperature is 0.
+             temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False,
+             reuse_prefix: bool = True, structured: bool = STRUCTURED_DEFAULT) -> list[str]:
+    """Complete the task's prompts for `inputs` in batches; greedy when temperature is 0.
 
     Prompts are batched in length order (less padding), and the outputs returned in input
     order. Inputs longer than MAX_INPUT_CHARS are cut to that length (a 100 KB request would
     otherwise exhaust memory).
-    `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate.
+    Every prompt starts with the same tokens (chat template and instruction): with
+    `reuse_prefix` their keys and values are computed once and every batch starts from a copy,
+    with each row's padding placed between that prefix and the row's own tokens (positions
+    follow the attention mask, so each row sees what it would see alone).
+    `structured` confines each output to the task's format (`constraints`: the fields and closed
+    values of the training targets, each field at most once).
+    `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate (no prefix reuse there:
+    a forward outside `generate` would not be synchronised).
     """
     prompts = encode_prompts(tokenizer, [s[:MAX_INPUT_CHARS] for s in inputs], task)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    shared = shared_prefix(prompts) if reuse_prefix and not synced_gpus else []
+    prefix_cache = _prefix_cache(model, shared, device) if shared else None
+    constraint = constraints.for_task(tokenizer, task) if structured else None
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     outputs = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        chunk = [prompts[i] for i in rows]
-        ids = torch.tensor(padded(chunk, pad, left=True), device=device)
-        mask = torch.tensor(padded([[1] * len(p) for p in chunk], 0, left=True), device=device)
+        chunk = [prompts[i][len(shared):] for i in rows]
+        ids = torch.tensor([shared + row for row in padded(chunk, pad, left=True)], device=device)
+        mask = torch.tensor([[1] * len(shared) + row for row in padded([[1] * len(p) for p in chunk], 0, left=True)],
+                            device=device)
         width = ids.shape[1]
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        cached = {"logits_processor": LogitsProcessorList([constraint.processor(width)])} if constraint else {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            cached[_cache_argument(model)] = cache
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                 synced_gpus=synced_gpus, **sampling)
+                                 synced_gpus=synced_gpus, **cached, **sampling)
         for i, text in zip(rows, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
             outputs[i] = text.strip()
     return outputs
+
+
+def shared_prefix(prompts: list[list[int]], minimum: int = 16) -> list[int]:
+    """The token ids every prompt starts with, less one so each row keeps a token of its own;
+    empty when shorter than `minimum` (not worth a cache) or when there is one prompt."""
+    if len(prompts) < 2:
+        return []
+    first, length = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        length = next((i for i in range(length) if prompt[i] != first[i]), length)
+    return first[:length] if length >= minimum else []
+
+
+def _cache_argument(model: Any) -> str:
+    """The name the model's forward gives its key/value cache (`cache` since transformers 5.20,
+    `past_key_values` before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:
+    """Keys and values of `prefix` for one row, to be copied for every batch."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_argument(model): cache})
+    return cache

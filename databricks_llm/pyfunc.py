@@ -3,6 +3,7 @@
     model = mlflow.pyfunc.load_model("runs:/<run_id>/checkpoint-N")
     model.predict({"prompt": "The Punter is an expensive Chinese coffee shop.", "temperature": 0.4, "max_tokens": 128})
     model.predict([{"prompt": "The Punter is a pub."}, {"prompt": "Aromi is cheap."}], params={"max_tokens": 64, "temperature": 0})
+    model.predict({"prompt": "Aromi is cheap."}, params={"structured_decoding": True})   # output confined to the task's format
 
 `prompt` is the raw input (a restaurant description, a support ticket); it is wrapped in the
 prompt of the task the model was trained on (`extraction_task.json` among the model's files), so
@@ -17,16 +18,17 @@ import math
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from databricks_llm.errors import InputError
-from databricks_llm.generation import check_settings, generate
+from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
 
 DEFAULT_MAX_TOKENS = 128
 
 
-def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[str, float, int]]:
-    """(prompt, temperature, max_tokens) per row from a dict, list of dicts or DataFrame."""
+def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[str, float, int, bool]]:
+    """(prompt, temperature, max_tokens, structured_decoding) per row from a dict, list of dicts or DataFrame."""
     if isinstance(model_input, pd.DataFrame):
         rows = model_input.to_dict("records")
     elif isinstance(model_input, dict):
@@ -44,8 +46,20 @@ def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[st
             raise InputError(f"row {i}: 'prompt' is required and must be a non-empty string")
         temperature = _value(row, defaults, "temperature", 0.0)
         max_tokens = _value(row, defaults, "max_tokens", DEFAULT_MAX_TOKENS)
-        parsed.append((prompt, *check_settings(temperature, max_tokens, prefix=f"row {i}: ")))
+        structured = _flag(row, defaults, "structured_decoding", STRUCTURED_DEFAULT, prefix=f"row {i}: ")
+        parsed.append((prompt, *check_settings(temperature, max_tokens, prefix=f"row {i}: "), structured))
     return parsed
+
+
+def _flag(row: dict, defaults: dict, key: str, fallback: bool, prefix: str) -> bool:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        value = defaults.get(key, fallback)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{prefix}{key} must be true or false (got {value!r})")
+    return bool(value)
 
 
 def _value(row: dict, defaults: dict, key: str, fallback: float) -> float:
@@ -72,10 +86,11 @@ class CompletionModel(mlflow.pyfunc.PythonModel):
         """One output per request row, in the task's format."""
         rows = parse_request(model_input, params)
         results: dict[int, str] = {}
-        for temperature, max_tokens in {(t, m) for _, t, m in rows}:
-            index = [i for i, (_, t, m) in enumerate(rows) if (t, m) == (temperature, max_tokens)]
+        for settings in {row[1:] for row in rows}:
+            index = [i for i, row in enumerate(rows) if row[1:] == settings]
+            temperature, max_tokens, structured = settings
             texts = generate(self.model, self.tokenizer, [rows[i][0] for i in index], task=self.task,
-                             max_tokens=max_tokens, temperature=temperature)
+                             max_tokens=max_tokens, temperature=temperature, structured=structured)
             results.update(zip(index, texts))
         return [results[i] for i in range(len(rows))]
 

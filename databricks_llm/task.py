@@ -41,6 +41,7 @@ class Task:
     instruction: str | None = field(default=None, metadata={"help": "The instruction given with every input, or @path to a UTF-8 file holding it (default: the dataset's, else one per output format)."})
     output_format: str | None = field(default=None, metadata={"help": "slots (key[value], ...), json (one JSON object) or text (default: detected from the training targets)."})
     prompt_version: str = field(default=PROMPT_VERSION, metadata={"help": "Prompt layout version (set by the job; v2 reproduces models logged before tasks were saved)."})
+    schema: str | None = field(default=None, metadata={"help": "The targets' fields, their order and closed values, as JSON (set by the job from the training targets; structured decoding follows it)."})
 
     def checked(self) -> Task:
         """This task with an `@path` instruction read, and the format and instruction checked."""
@@ -71,6 +72,11 @@ class Task:
 
     def to_dict(self) -> dict[str, str | None]:
         return dataclasses.asdict(self)
+
+    def params(self) -> dict[str, str | None]:
+        """The task as MLflow params: all but the schema (it can outgrow a param's size; it is in
+        the model's files and metadata)."""
+        return {k: v for k, v in self.to_dict().items() if k != "schema"}
 
     def save(self, folder: str | Path) -> None:
         """Write the task next to a model's files (`TASK_FILE`)."""

@@ -29,6 +29,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from databricks_llm import runtime, validation
 from databricks_llm.errors import InputError, first_line
+from databricks_llm.generation import STRUCTURED_DEFAULT
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 from databricks_llm.runtime import Process
 from databricks_llm.task import Task
@@ -42,9 +43,10 @@ RUN_ID_FILE = "mlflow_run_id"
 # The same settings are also declared as params (MLflow's convention); a row's own value wins.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
-                   ColSpec("long", "max_tokens", required=False)]),
+                   ColSpec("long", "max_tokens", required=False), ColSpec("boolean", "structured_decoding", required=False)]),
     outputs=Schema([ColSpec("string")]),
-    params=ParamSchema([ParamSpec("temperature", "double", 0.0), ParamSpec("max_tokens", "long", 128)]),
+    params=ParamSchema([ParamSpec("temperature", "double", 0.0), ParamSpec("max_tokens", "long", 128),
+                        ParamSpec("structured_decoding", "boolean", STRUCTURED_DEFAULT)]),
 )
 JOB_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Async metric logging sends one batch per 5 s instead of one write per logged step: on a busy
@@ -52,7 +54,7 @@ JOB_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_
 ASYNC_LOGGING_DEFAULTS = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "5"}
 _MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".model", ".jinja", ".txt"}
 _NOT_MODEL_FILES = {"trainer_state.json"}
-_PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas"]
+_PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas", "lm-format-enforcer"]
 # Every variable this project (or MLflow, on our behalf) reads as a value, and how it must parse.
 # MLflow's async logging thread dies on a non-integer buffering time and the job then hangs at exit.
 ENVIRONMENT = {

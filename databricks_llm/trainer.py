@@ -20,15 +20,16 @@ class GenerationEval:
     Every rank generates (ZeRO-3 needs all ranks in each forward pass: `synced_gpus`)."""
 
     def __init__(self, tokenizer: Any, task: Task, inputs: list[str], references: list[str], *, batch_size: int,
-                 max_tokens: int = 128, synced_gpus: bool = False) -> None:
+                 max_tokens: int = 128, structured: bool = False, synced_gpus: bool = False) -> None:
         self.tokenizer, self.task, self.inputs, self.references = tokenizer, task, inputs, references
         self.batch_size, self.max_tokens, self.synced_gpus = batch_size, max_tokens, synced_gpus
+        self.structured = structured
 
     def __call__(self, model: Any) -> dict:
         was_training = model.training
         model.eval()
         predictions = generate(model, self.tokenizer, self.inputs, task=self.task, max_tokens=self.max_tokens,
-                               batch_size=self.batch_size, synced_gpus=self.synced_gpus)
+                               batch_size=self.batch_size, structured=self.structured, synced_gpus=self.synced_gpus)
         model.train(was_training)
         return scores_and_errors(self.task.output_format, predictions, self.references)
 

@@ -138,6 +138,8 @@ CASES = [
     Case("validation_fraction_zero", ["--validation_fraction=0"], "--validation_fraction must be in (0, 1)"),
     Case("validation_fraction_above_one", ["--validation_fraction=1.5"], "--validation_fraction must be in (0, 1)"),
     Case("max_seq_length_zero", ["--max_seq_length=0"], "--max_seq_length must be > 0"),
+    Case("save_minutes_not_a_number", ["--save_minutes=5,ten"], "--save_minutes takes positive numbers of minutes, comma-separated (got 'ten')"),
+    Case("save_minutes_negative", ["--save_minutes=-5"], "--save_minutes takes positive numbers of minutes"),
     Case("weight_decay_negative", ["--weight_decay=-0.1"], "--weight_decay must be >= 0"),
     Case("adam_beta1_above_one", ["--adam_beta1=1.5"], "--adam_beta1 must be in [0, 1)"),
     Case("max_grad_norm_inf", ["--max_grad_norm=inf"], "--max_grad_norm must be >= 0 (got inf)"),

@@ -9,6 +9,7 @@ import pytest
 
 from databricks_llm.errors import InputError
 from databricks_llm.generation import MAX_TOKENS_CAP
+from databricks_llm.generation import STRUCTURED_DEFAULT as S
 from databricks_llm.pyfunc import DEFAULT_MAX_TOKENS, CompletionModel, parse_request
 
 
@@ -20,17 +21,22 @@ def served(tiny_model):
 
 
 def test_seed_call_dict_is_one_row():
-    assert parse_request({"prompt": "Aromi is a pub.", "temperature": 0.4, "max_tokens": 128}) == [("Aromi is a pub.", 0.4, 128)]
+    assert parse_request({"prompt": "Aromi is a pub.", "temperature": 0.4, "max_tokens": 128}) == [("Aromi is a pub.", 0.4, 128, S)]
 
 
 def test_defaults_are_greedy_and_128_tokens_and_params_override_them():
-    assert parse_request([{"prompt": "a"}]) == [("a", 0.0, DEFAULT_MAX_TOKENS)]
-    assert parse_request([{"prompt": "a"}], params={"max_tokens": 7}) == [("a", 0.0, 7)]
+    assert parse_request([{"prompt": "a"}]) == [("a", 0.0, DEFAULT_MAX_TOKENS, S)]
+    assert parse_request([{"prompt": "a"}], params={"max_tokens": 7}) == [("a", 0.0, 7, S)]
+
+
+def test_structured_decoding_comes_from_params_or_the_row():
+    assert parse_request([{"prompt": "a"}], params={"structured_decoding": not S})[0][3] is (not S)
+    assert parse_request([{"prompt": "a", "structured_decoding": "true"}], params={"structured_decoding": False})[0][3] is True
 
 
 def test_dataframe_rows_with_missing_values_use_defaults():
     frame = pd.DataFrame([{"prompt": "a", "temperature": 0.5}, {"prompt": "b", "temperature": None}])
-    assert parse_request(frame) == [("a", 0.5, DEFAULT_MAX_TOKENS), ("b", 0.0, DEFAULT_MAX_TOKENS)]
+    assert parse_request(frame) == [("a", 0.5, DEFAULT_MAX_TOKENS, S), ("b", 0.0, DEFAULT_MAX_TOKENS, S)]
 
 
 @pytest.mark.parametrize("request_, message", [
@@ -44,6 +50,7 @@ def test_dataframe_rows_with_missing_values_use_defaults():
     ({"prompt": "a", "max_tokens": 2.5}, "max_tokens must be an integer in 1.."),
     ({"prompt": 42}, "'prompt' is required"),
     ("just a string", "expected a dict, list or DataFrame"),
+    ({"prompt": "a", "structured_decoding": "maybe"}, "structured_decoding must be true or false"),
 ])
 def test_bad_requests_are_refused_with_the_reason(request_, message):
     with pytest.raises(InputError, match=message):

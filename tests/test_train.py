@@ -60,3 +60,26 @@ def test_adapter_reloads_to_the_merged_model_logits(trained_job):
     merged = AutoModelForCausalLM.from_pretrained(trained_job.out / "final_model" / "merged").eval()
     with torch.no_grad():
         assert torch.allclose(adapter(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_save_minutes_adds_a_checkpoint_once_each_mark_has_passed():
+    """`--save_minutes`: a checkpoint at the first step end after each mark, one per mark."""
+    from types import SimpleNamespace
+
+    from databricks_llm.callbacks import SaveAtMinutes
+
+    timed = SaveAtMinutes([0.0, 0.0, 60.0])  # two marks already passed, one an hour away
+    timed.on_train_begin(None, None, None)
+    saves = []
+    for _ in range(4):
+        control = SimpleNamespace(should_save=False)
+        timed.on_step_end(None, None, control)
+        saves.append(control.should_save)
+    assert saves == [True, True, False, False]
+
+
+def test_time_budget_run_saves_a_checkpoint_at_the_mark(tiny_model, tmp_path):
+    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}", *QUICK_JOB,
+                        "--max_steps=3", "--eval_strategy=no", "--save_steps=100", "--save_minutes=0.00001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]

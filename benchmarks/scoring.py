@@ -1,0 +1,84 @@
+"""Scoring speed: today's generation settings against the previous ones on the same rows, same process.
+
+    python benchmarks/scoring.py --model=outputs/bench_quality/checkpoints/final_model          # 200 test rows
+    python benchmarks/scoring.py --model=... --rows=200 --variants=prefix,batch64,structured
+
+The baseline is how `evaluate` generated before the prefix cache (batch 32, every prompt computed
+in full). Each variant generates for the same rows in the same dtype; the script prints seconds,
+the speed ratio against the baseline, and how many outputs differ from the baseline's (greedy
+decoding: they should not; a few can where bf16 rounding differs between batch shapes, and those
+rows are printed). Variants run in turn, then again in reverse order (`--repeats`), medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
+
+VARIANTS = {  # name -> generate() settings on top of the baseline's
+    "baseline": {"batch_size": 32, "reuse_prefix": False},
+    "prefix": {"batch_size": 32},
+    "batch64": {"batch_size": 64},
+    "batch128": {"batch_size": 128},
+    "structured": {"batch_size": 32, "structured": True},
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a fine-tuned model folder (or any evaluate --model_uri)")
+    parser.add_argument("--dataset", default=str(E2E))
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max_tokens", type=int, default=96)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--variants", default="prefix,batch64", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="each variant runs 2 x repeats times, orders alternating")
+    args = parser.parse_args()
+    names = ["baseline", *[v for v in args.variants.split(",") if v and v != "baseline"]]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
+        return 2
+
+    from databricks_llm import data, models
+    from databricks_llm.evaluate import load_scorable, task_of
+    from databricks_llm.generation import generate
+    from databricks_llm.scoring import score
+
+    task = task_of(args.model)
+    splits, task = data.load(args.dataset, task, columns_hint=True, need_train=False)
+    rows = data.head(splits["test"], args.rows)
+    inputs, references = rows[data.INPUT], rows[data.OUTPUT]
+    model, tokenizer = load_scorable(args.model)
+    model = model.to(models.inference_dtype(args.dtype)).eval()
+    generate(model, tokenizer, inputs[:2], task=task, max_tokens=4)  # warm-up, untimed
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[str]] = {}
+    for repeat in range(2 * args.repeats):
+        for name in (names if repeat % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            outputs[name] = generate(model, tokenizer, inputs, task=task, max_tokens=args.max_tokens, **VARIANTS[name])
+            seconds[name].append(time.perf_counter() - start)
+            print(f"[scoring] {name}: {seconds[name][-1]:.1f}s", flush=True)
+    base = statistics.median(seconds["baseline"])
+    print(f"{len(inputs)} rows of {args.dataset} test, {args.dtype}, max_tokens {args.max_tokens}")
+    print(f"{'variant':<12}{'median s':>10}{'min..max':>16}{'speed-up':>10}{'differ':>8}{'F1':>8}{'exact':>8}")
+    for name in names:
+        s = score(task.output_format, outputs[name], references)
+        differ = [i for i, (a, b) in enumerate(zip(outputs[name], outputs["baseline"])) if a != b]
+        print(f"{name:<12}{statistics.median(seconds[name]):>10.1f}{min(seconds[name]):>8.1f}..{max(seconds[name]):<6.1f}"
+              f"{base / statistics.median(seconds[name]):>10.2f}{len(differ):>8}{s['f1']:>8.4f}{s['exact_match']:>8.4f}")
+        for i in differ[:5]:
+            print(f"    row {i}: baseline {outputs['baseline'][i]!r}\n    {'':>{len(str(i)) + 5}}{name} {outputs[name][i]!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

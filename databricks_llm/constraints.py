@@ -1,0 +1,214 @@
+"""Structured decoding: generation confined to the task's output format.
+
+The format is one regular expression built from the training targets (`Schema`): the fields in
+the order the targets give them, each at most once; closed-vocabulary values spelled as in the
+data; other values any text without the format's delimiters. lm-format-enforcer walks the
+tokenizer's vocabulary with that expression and gives the tokens each row may take next; the
+allowed set depends only on the expression's state, so each state is computed once and reused
+by every row, batch and request that reaches it (`Constraint` holds that cache).
+
+- slots: ``key[value], key[value]`` with keys from the task's key set;
+- json: one flat object in the data's spelling (``{"key": "value", ...}``); targets with nested
+  values get any JSON object instead (lm-format-enforcer's JSON parser, slower);
+- text: unconstrained.
+Each field at most once, also where a training target repeats one (E2E: 4% of the cleaned training
+MRs, e.g. ``customer rating[5 out of 5], customer rating[average]``). If the targets disagree on the
+order of fields, any order is allowed and then a key may repeat.
+"""
+
+from __future__ import annotations
+
+import functools
+import graphlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from databricks_llm.error_analysis import CLOSED_AT_MOST, E2E_VOCABULARY
+from databricks_llm.scoring import E2E_SLOTS, parse_json, parse_mr
+
+_OPEN_SLOT_VALUE = r"[^\[\]\n]+"
+_OPEN_STRING = r'"([^"\\\n]|\\["\\/bfnrtu])*"'
+_SCALARS = {"number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", "boolean": "(true|false)", "null": "null"}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The fields of a task's targets: their order, and the values of the closed ones."""
+
+    fields: tuple[str, ...]
+    closed: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (field, values as spelled in the data)
+    kinds: tuple[tuple[str, str], ...] = ()  # json: field -> string|number|boolean|null|nested
+    ordered: bool = True  # every target lists its fields in `fields` order
+    may_be_empty: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"fields": self.fields, "closed": dict(self.closed), "kinds": dict(self.kinds),
+                           "ordered": self.ordered, "may_be_empty": self.may_be_empty}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Schema:
+        saved = json.loads(text)
+        return cls(tuple(saved["fields"]), tuple((k, tuple(v)) for k, v in saved["closed"].items()),
+                   tuple(saved.get("kinds", {}).items()), saved["ordered"], saved.get("may_be_empty", False))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", type(None): "null"}.get(type(value), "nested")
+
+
+def schema_of(output_format: str, targets: list[str]) -> Schema | None:
+    """The schema the training targets follow, or None (text tasks, or no target parses)."""
+    if output_format == "slots":
+        records = [parse_mr(t) for t in targets]
+    elif output_format == "json":
+        records = [list(obj.items()) for obj in map(parse_json, targets) if obj is not None]
+    else:
+        return None
+    empty = not all(records)
+    records = [r for r in records if r]
+    if not records:
+        return None
+    values: dict[str, Counter] = {}
+    kinds: dict[str, set[str]] = {}
+    before: dict[str, set[str]] = {}
+    for record in records:
+        keys = list(dict.fromkeys(k for k, _ in record))  # a key given twice counts where it first appears
+        for key, value in record:
+            kinds.setdefault(key, set()).add(_kind(value))
+            if isinstance(value, str):
+                values.setdefault(key, Counter())[value] += 1
+        for i, key in enumerate(keys):
+            before.setdefault(key, set()).update(keys[:i])
+    ordered = not any(key in before[earlier] for key, earlier_keys in before.items()
+                      for earlier in earlier_keys)  # no target has a before b while another has b before a
+    fields = tuple(graphlib.TopologicalSorter(before).static_order()) if ordered else tuple(sorted(before))
+    closed = tuple((key, tuple(sorted(counts))) for key, counts in values.items()
+                   if kinds[key] == {"string"} and len(counts) <= CLOSED_AT_MOST
+                   and sum(counts.values()) >= 3 * len(counts))
+    kind = tuple((key, next(iter(k)) if len(k) == 1 else "nested") for key, k in kinds.items())
+    return Schema(fields, closed, kind if output_format == "json" else (), ordered, empty)
+
+
+def pattern(output_format: str, schema: Schema) -> str | None:
+    """The regular expression of every output the schema allows, or None where no expression fits
+    (json with nested values)."""
+    closed, kinds = dict(schema.closed), dict(schema.kinds)
+    if output_format == "slots":
+        items = [re.escape(key) + r"\[" + ("(" + "|".join(map(re.escape, closed[key])) + ")" if key in closed
+                                          else _OPEN_SLOT_VALUE) + r"\]" for key in schema.fields]
+        separator, start, end = ", ", "", ""
+    elif output_format == "json" and "nested" not in kinds.values():
+        def value(key: str) -> str:
+            if key in closed:
+                return "(" + "|".join(re.escape(json.dumps(v, ensure_ascii=False)) for v in closed[key]) + ")"
+            return _OPEN_STRING if kinds[key] == "string" else _SCALARS[kinds[key]]
+
+        items = [re.escape(json.dumps(key, ensure_ascii=False)) + ": " + value(key) for key in schema.fields]
+        separator, start, end = ", ", r"\{", r"\}"
+    else:
+        return None
+    if schema.ordered:  # each field at most once, in order: one alternative per first field
+        body = "|".join(items[i] + "".join(f"({separator}{item})?" for item in items[i + 1:]) for i in range(len(items)))
+    else:
+        any_item = "(" + "|".join(items) + ")"
+        body = f"{any_item}({separator}{any_item})*"
+    return f"{start}({body}){'?' if schema.may_be_empty or start else ''}{end}"
+
+
+# Models saved before schemas were (E2E slot models): E2E's slot order and six closed slots.
+E2E_SCHEMA = Schema(E2E_SLOTS, tuple((key, tuple(sorted(values))) for key, values in E2E_VOCABULARY.items()))
+
+
+def task_schema(task: Any) -> Schema | None:
+    """The schema saved with a task; E2E's for slot models saved before schemas were."""
+    from databricks_llm.task import LEGACY_PROMPT_VERSION
+
+    if task.schema:
+        return Schema.from_json(task.schema)
+    return E2E_SCHEMA if task.output_format == "slots" and task.prompt_version == LEGACY_PROMPT_VERSION else None
+
+
+@functools.lru_cache(maxsize=8)
+def for_task(tokenizer: Any, task: Any) -> Constraint | None:
+    """The task's format for this tokenizer (kept for the next call), or None where there is none
+    to enforce (text tasks; slot tasks without a schema)."""
+    schema = task_schema(task)
+    if task.output_format == "text" or (schema is None and task.output_format != "json"):
+        return None
+    return Constraint(tokenizer, task.output_format, schema)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_data(tokenizer: Any) -> Any:
+    """lm-format-enforcer's view of the vocabulary: each regular token's text, as it reads after
+    another token (so word-initial spaces show). Built once per tokenizer (seconds)."""
+    from lmformatenforcer import TokenEnforcerTokenizerData
+
+    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
+    special = set(tokenizer.all_special_ids)
+    regular = []
+    for token in range(len(tokenizer)):
+        if token in special:
+            continue
+        after_zero = tokenizer.decode([zero, token])[1:]
+        regular.append((token, after_zero, len(after_zero) > len(tokenizer.decode([token]))))
+    return TokenEnforcerTokenizerData(regular, lambda ids: tokenizer.decode(ids).rstrip("\ufffd"),
+                                      tokenizer.eos_token_id, False, len(tokenizer))
+
+
+class Constraint:
+    """One task's format for one tokenizer; `processor(prompt_width)` confines a `generate` call.
+    The allowed tokens of each state of the format are computed once for the life of this object."""
+
+    def __init__(self, tokenizer: Any, output_format: str, schema: Schema | None) -> None:
+        from lmformatenforcer import JsonSchemaParser, RegexParser
+
+        expression = pattern(output_format, schema) if schema else None
+        if expression is not None:
+            self.parser = RegexParser(expression)
+        elif output_format == "json":
+            self.parser = JsonSchemaParser({"type": "object"})
+        else:
+            raise ValueError(f"no structured decoding for {output_format} outputs")
+        self.tokenizer_data = _tokenizer_data(tokenizer)
+        self.allowed_cache: dict = {}  # parser state -> allowed tokens, shared by every call
+        self.masks: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def processor(self, prompt_width: int) -> Any:
+        from lmformatenforcer import TokenEnforcer
+
+        enforcer = TokenEnforcer(self.tokenizer_data, self.parser)
+        enforcer.allowed_token_cache = self.allowed_cache
+        return _FormatProcessor(enforcer, prompt_width, self.tokenizer_data.eos_token_id, self.masks)
+
+
+class _FormatProcessor:
+    """A `LogitsProcessor`: every unfinished row's next token comes from its allowed set."""
+
+    def __init__(self, enforcer: Any, prompt_width: int, eos: int, masks: dict) -> None:
+        self.enforcer, self.width, self.eos, self.masks = enforcer, prompt_width, eos, masks
+
+    def _mask(self, allowed: list[int], size: int) -> torch.Tensor:
+        cached = self.masks.get(id(allowed))
+        if cached is None or cached[0] is not allowed:
+            mask = torch.ones(size, dtype=torch.bool)
+            mask[allowed] = False
+            cached = self.masks[id(allowed)] = (allowed, mask)  # keeps `allowed` alive, so its id stays its own
+        return cached[1]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        blocked = torch.zeros_like(scores, dtype=torch.bool, device="cpu")
+        for row, ids in enumerate(input_ids.tolist()):
+            if self.eos in ids[self.width:]:
+                continue  # finished: generate pads it whatever the scores say
+            blocked[row] = self._mask(self.enforcer.get_allowed_tokens(ids).allowed_tokens, scores.shape[1])
+        return scores.masked_fill(blocked.to(scores.device), float("-inf"))

@@ -1,0 +1,108 @@
+"""Structured decoding: the format learned from the training targets, and outputs held to it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from databricks_llm import constraints, data
+from databricks_llm.constraints import E2E_SCHEMA, Schema, pattern, schema_of
+from databricks_llm.scoring import E2E_SLOTS, parse_mr
+from databricks_llm.task import E2E
+
+
+@pytest.fixture(scope="module")
+def tickets():
+    return data.load("embedded:support-tickets")
+
+
+def matches(output_format: str, schema: Schema, text: str) -> bool:
+    return re.fullmatch(pattern(output_format, schema), text) is not None
+
+
+def test_e2e_targets_give_the_e2e_order_and_six_closed_slots():
+    _, task = data.load("embedded:e2e-sample")
+    schema = Schema.from_json(task.schema)
+    assert schema.fields == E2E_SLOTS and schema.ordered
+    assert dict(schema.closed).keys() == dict(E2E_SCHEMA.closed).keys()  # name and near are open
+    assert dict(schema.closed)["eatType"] == ("coffee shop", "pub", "restaurant")
+
+
+def test_every_training_target_fits_its_own_format(tickets):
+    splits, task = data.load("embedded:e2e-sample")
+    schema = Schema.from_json(task.schema)
+    assert all(matches("slots", schema, target) for target in splits["train"][data.OUTPUT])
+    ticket_splits, ticket_task = tickets
+    ticket_schema = Schema.from_json(ticket_task.schema)
+    assert all(matches("json", ticket_schema, target) for target in ticket_splits["train"][data.OUTPUT])
+
+
+@pytest.mark.parametrize("text", [
+    "name[The Punter], name[The Punter]",              # a key twice
+    "name[The Punter], eatType[bar]",                   # outside eatType's closed vocabulary
+    "name[The Punter], colour[red]",                    # a key the task does not have
+    "eatType[pub], name[The Punter]",                   # out of the targets' order
+    "name[The Punter] eatType[pub]",                    # no separator
+])
+def test_slot_outputs_outside_the_format_do_not_match(text):
+    assert not matches("slots", E2E_SCHEMA, text)
+
+
+def test_json_format_is_one_object_with_known_keys_and_closed_values(tickets):
+    schema = Schema.from_json(tickets[1].schema)
+    good = tickets[0]["test"][data.OUTPUT][0]
+    assert matches("json", schema, good)
+    obj = json.loads(good)
+    assert not matches("json", schema, json.dumps({**obj, "extra": "x"}))
+    assert not matches("json", schema, json.dumps({**obj, "severity": "apocalyptic"}))
+    assert not matches("json", schema, good[:-1])  # unclosed
+
+
+def test_targets_in_two_orders_allow_any_order():
+    schema = schema_of("slots", ["a[1], b[2]", "b[3], a[4]"])
+    assert not schema.ordered and matches("slots", schema, "b[1], a[2]")
+
+
+def test_nested_json_targets_have_no_expression_but_still_a_json_constraint():
+    schema = schema_of("json", ['{"a": {"b": 1}}', '{"a": {"b": 2}}'])
+    assert dict(schema.kinds) == {"a": "nested"} and pattern("json", schema) is None
+
+
+def test_models_saved_before_schemas_get_e2e_s_schema():
+    assert constraints.task_schema(E2E) == E2E_SCHEMA
+
+
+def test_text_tasks_have_nothing_to_enforce(tiny_tokenizer):
+    from databricks_llm.task import Task
+
+    assert constraints.for_task(tiny_tokenizer, Task(output_format="text", instruction="Summarise.")) is None
+
+
+@pytest.fixture(scope="module")
+def wild_model(tiny_model, tiny_tokenizer):
+    """The tiny random Llama with large weights: left alone it writes anything."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0, 0.3)
+    return model
+
+
+def test_structured_outputs_of_a_random_model_keep_the_format(wild_model, tiny_tokenizer):
+    from databricks_llm.generation import generate
+
+    inputs = [row["sentence"] for row in data.sample_data.generate(10, seed=3)]
+    held = generate(wild_model, tiny_tokenizer, inputs, task=E2E, max_tokens=40, structured=True)
+    vocabulary = dict(E2E_SCHEMA.closed)
+    for text in held:
+        pairs = parse_mr(text)
+        assert pairs and text.startswith(f"{pairs[0][0]}[")
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)) and keys == sorted(keys, key=E2E_SLOTS.index)
+        assert all(value in vocabulary[key] for key, value in pairs if key in vocabulary)

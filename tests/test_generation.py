@@ -1,0 +1,44 @@
+"""Batched generation: the instruction prefix's keys and values are computed once and reused."""
+
+from __future__ import annotations
+
+import pytest
+
+from databricks_llm.generation import generate, shared_prefix
+from databricks_llm.sample_data import generate as sample_rows
+from databricks_llm.task import E2E, Task
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tiny_model, tiny_tokenizer):
+    """The tiny random Llama with larger weights and its special tokens' embeddings zeroed (tied to
+    the output layer): greedy decoding writes varied ordinary tokens instead of newlines or a stop."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0, 0.3)
+        model.get_input_embeddings().weight[tiny_tokenizer.all_special_ids] = 0
+    return model
+
+
+def test_shared_prefix_is_the_common_start_less_one_token():
+    assert shared_prefix([list(range(40)) + [1], list(range(40)) + [2, 3]]) == list(range(40))
+    assert shared_prefix([list(range(20)), list(range(20))]) == list(range(19))  # each row keeps a token
+
+
+def test_shared_prefix_is_empty_when_short_or_alone():
+    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == []
+    assert shared_prefix([list(range(40))]) == []
+
+
+@pytest.mark.parametrize("task", [E2E, Task(output_format="json", instruction="Return JSON.")], ids=["slots", "json"])
+def test_reusing_the_prefix_gives_the_same_greedy_outputs(tiny_causal_lm, tiny_tokenizer, task):
+    inputs = [row["sentence"] for row in sample_rows(12, seed=7)]
+    kwargs = {"task": task, "max_tokens": 12, "batch_size": 5}
+    reused = generate(tiny_causal_lm, tiny_tokenizer, inputs, reuse_prefix=True, **kwargs)
+    assert reused == generate(tiny_causal_lm, tiny_tokenizer, inputs, reuse_prefix=False, **kwargs)
+    assert len(set(reused)) > 1
