@@ -51,6 +51,7 @@ def test_checkpoints_and_final_model_carry_the_task(format_job):
     for folder in (out / "checkpoint-2", out / "final_model"):
         saved = json.loads((folder / TASK_FILE).read_text())
         assert (saved["output_format"], saved["instruction"]) == (output_format, expected_instruction(output_format))
+        assert (saved["schema"] is None) == (output_format == "text")  # structured decoding's format, from the targets
 
 
 def test_the_logged_model_serves_the_task_without_being_told_the_instruction(format_job):
