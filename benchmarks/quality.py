@@ -8,7 +8,8 @@
 With `--save_minutes` the job also saves a checkpoint after each of those minutes of training;
 every one of them and the final model are scored on the same test rows, printed as a curve
 (minutes, step, F1, exact match) and logged to the job's MLflow run as `quality_curve.png`.
-`--stage=train` or `--stage=score` runs one half (score: an earlier run in --work_dir).
+`--stage=train` or `--stage=score` runs one half (score: an earlier run in --work_dir; with
+`--reuse`, models already scored there are not scored again).
 
 Trains with `databricks_llm.fine_tune` on ../shared/data/e2e_nlg/cleaned, then scores the final
 checkpoint and the zero-shot base model on the same test rows with `databricks_llm.evaluate`, and
@@ -48,6 +49,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip the zero-shot base-model run")
     parser.add_argument("--save_minutes", default=None, help="also checkpoint after these minutes of training, e.g. 5,10,20")
     parser.add_argument("--stage", default="all", choices=["all", "train", "score"])
+    parser.add_argument("--reuse", action="store_true", help="score stage: keep a model's scores already in --work_dir")
     args = parser.parse_args()
     if not args.dataset.startswith("embedded:") and not Path(args.dataset).exists():
         print(f"error: dataset {args.dataset} not found", file=sys.stderr)
@@ -65,8 +67,11 @@ def main() -> int:
               + ([] if args.quick else [("base", "embedded:smollm2-135m-instruct")]))
     for name, uri in models:
         out = work / f"{name}.json"
+        if args.reuse and out.exists():
+            scores[name] = json.loads(out.read_text())
+            continue
         run("databricks_llm.evaluate", f"--model_uri={uri}", f"--dataset={args.dataset}", "--split=test",
-            f"--max_samples={args.test_samples}", "--batch_size=32", "--max_tokens=96", "--dtype=bfloat16", f"--job_dir={job}",
+            f"--max_samples={args.test_samples}", "--batch_size=128", "--max_tokens=96", "--dtype=bfloat16", f"--job_dir={job}",
             f"--output_json={out}")
         scores[name] = json.loads(out.read_text())
     for name, s in scores.items():
