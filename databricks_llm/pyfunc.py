@@ -3,7 +3,7 @@
     model = mlflow.pyfunc.load_model("runs:/<run_id>/checkpoint-N")
     model.predict({"prompt": "The Punter is an expensive Chinese coffee shop.", "temperature": 0.4, "max_tokens": 128})
     model.predict([{"prompt": "The Punter is a pub."}, {"prompt": "Aromi is cheap."}], params={"max_tokens": 64, "temperature": 0})
-    model.predict({"prompt": "Aromi is cheap."}, params={"structured_decoding": True})   # output confined to the task's format
+    model.predict({"prompt": "Aromi is cheap."}, params={"structured_decoding": False})  # free text (default: held to the task's format)
 
 `prompt` is the raw input (a restaurant description, a support ticket); it is wrapped in the
 prompt of the task the model was trained on (`extraction_task.json` among the model's files), so

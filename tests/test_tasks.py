@@ -157,13 +157,16 @@ def logged_tiny_model(tiny_model, tmp_path_factory):
 
 
 def test_params_are_honoured_as_mlflow_declares_them_and_a_rows_own_value_wins(logged_tiny_model):
-    """The untrained model's greedy output is blank; sampled at a high temperature, its 600-token
-    vocabulary gives tens of characters for 40 tokens and a few for one."""
+    """The untrained model's greedy output is blank, unless structured decoding (the default) holds
+    it to the task's format; sampled at a high temperature, its 600-token vocabulary gives tens of
+    characters for 40 tokens and a few for one."""
     served = mlflow.pyfunc.load_model(logged_tiny_model)
+    free = {"structured_decoding": False}
     prompt = [{"prompt": "Aromi is a pub near Clowns."}]
-    assert served.predict(prompt) == [""]
-    (long,) = served.predict(prompt, params={"max_tokens": 40, "temperature": 5.0})
-    (short,) = served.predict([{**prompt[0], "max_tokens": 1}], params={"max_tokens": 40, "temperature": 5.0})
+    assert served.predict(prompt, params=free) == [""]
+    assert served.predict(prompt, params={"max_tokens": 8}) != [""]
+    (long,) = served.predict(prompt, params={"max_tokens": 40, "temperature": 5.0, **free})
+    (short,) = served.predict([{**prompt[0], "max_tokens": 1}], params={"max_tokens": 40, "temperature": 5.0, **free})
     assert len(long) > 40 and len(short) < 25
 
 
