@@ -88,9 +88,10 @@ def schema_of(output_format: str, targets: list[str]) -> Schema | None:
                 values.setdefault(key, Counter())[value] += 1
         for i, key in enumerate(keys):
             before.setdefault(key, set()).update(keys[:i])
-    ordered = not any(key in before[earlier] for key, earlier_keys in before.items()
-                      for earlier in earlier_keys)  # no target has a before b while another has b before a
-    fields = tuple(graphlib.TopologicalSorter(before).static_order()) if ordered else tuple(sorted(before))
+    try:  # one order every target agrees with (none if a before b in one target and b before a in another)
+        fields, ordered = tuple(graphlib.TopologicalSorter(before).static_order()), True
+    except graphlib.CycleError:
+        fields, ordered = tuple(sorted(before)), False
     closed = tuple((key, tuple(sorted(counts))) for key, counts in values.items()
                    if kinds[key] == {"string"} and len(counts) <= CLOSED_AT_MOST
                    and sum(counts.values()) >= 3 * len(counts))

@@ -23,12 +23,23 @@ def test_speed_benchmark_quick_mode_prints_one_summary_line_per_measure():
                                               "checkpoint_log_mb", "generation_examples_per_s"]
 
 
-def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model(tmp_path):
+def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model_and_its_timed_checkpoint(tmp_path):
     result = run_module(str(REPO / "benchmarks" / "quality.py"), "--dataset=embedded:e2e-sample", "--max_steps=2",
-                        "--test_samples=4", "--quick", f"--work_dir={tmp_path}", launcher=[sys.executable], cwd=REPO,
-                        timeout=900)
+                        "--test_samples=4", "--quick", f"--work_dir={tmp_path}", "--save_minutes=0.00001",
+                        launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"^fine-tuned: slots F1 [\d.]+, .* n 4,", result.stdout, re.MULTILINE)
+    assert re.search(r"^checkpoint-1: slots F1 [\d.]+", result.stdout, re.MULTILINE)  # the 0.00001-minute mark
+    assert "logged quality_curve.png to run" in result.stdout
+
+
+def test_scoring_benchmark_prints_each_variant_against_the_baseline(tiny_model):
+    result = run_module(str(REPO / "benchmarks" / "scoring.py"), f"--model={tiny_model}", "--dataset=embedded:e2e-sample",
+                        "--rows=6", "--max_tokens=4", "--variants=prefix,structured", launcher=[sys.executable], cwd=REPO,
+                        timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] in (["baseline"], ["prefix"], ["structured"])]
+    assert table == ["baseline", "prefix", "structured"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the script would run")

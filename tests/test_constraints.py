@@ -63,6 +63,12 @@ def test_json_format_is_one_object_with_known_keys_and_closed_values(tickets):
 def test_targets_in_two_orders_allow_any_order():
     schema = schema_of("slots", ["a[1], b[2]", "b[3], a[4]"])
     assert not schema.ordered and matches("slots", schema, "b[1], a[2]")
+    assert not schema_of("slots", ["a[1], b[2]", "b[1], c[2]", "c[1], a[2]"]).ordered  # a cycle through three
+
+
+def test_targets_that_never_disagree_keep_one_order():
+    schema = schema_of("slots", ["a[1], b[2]", "b[1], c[2]", "a[3]"])
+    assert schema.ordered and schema.fields == ("a", "b", "c")
 
 
 def test_nested_json_targets_have_no_expression_but_still_a_json_constraint():

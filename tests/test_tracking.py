@@ -112,8 +112,10 @@ def test_models_uri_loads_the_same_logged_model(job):
 def test_model_signature_takes_the_seed_call_and_params_and_the_example_is_a_validation_input(job):
     run = training_run(job)
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/final_model")
-    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["prompt", "temperature", "max_tokens"]
-    assert {p.name: p.default for p in info.signature.params} == {"temperature": 0.0, "max_tokens": 128}
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["prompt", "temperature", "max_tokens",
+                                                                    "structured_decoding"]
+    assert {p.name: p.default for p in info.signature.params} == {"temperature": 0.0, "max_tokens": 128,
+                                                                   "structured_decoding": True}
     assert info.metadata["task"] == "llm/v1/completions"
     assert info.metadata["extraction_task"]["output_format"] == "slots"
     example = json.loads(Path(mlflow.artifacts.download_artifacts(
