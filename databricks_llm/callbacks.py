@@ -8,6 +8,7 @@ from typing import Any
 
 import mlflow
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from databricks_llm import tracking
@@ -80,8 +81,6 @@ class SaveAtMinutes(TrainerCallback):
         if not self.marks:
             return
         due = float(time.monotonic() - self.start >= self.marks[0])
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([due], device="cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.broadcast(flag, src=0)

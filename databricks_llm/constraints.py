@@ -151,7 +151,9 @@ def for_task(tokenizer: Any, task: Any) -> Constraint | None:
 @functools.lru_cache(maxsize=4)
 def _tokenizer_data(tokenizer: Any) -> Any:
     """lm-format-enforcer's view of the vocabulary: each regular token's text, as it reads after
-    another token (so word-initial spaces show). Built once per tokenizer (seconds)."""
+    another token (so word-initial spaces show). Built once per tokenizer (seconds). The same as
+    its `integrations.transformers.build_token_enforcer_tokenizer_data`, which cannot be imported
+    under transformers 5 (it imports the removed `transformers.tokenization_utils`)."""
     from lmformatenforcer import TokenEnforcerTokenizerData
 
     zero = tokenizer.encode("0", add_special_tokens=False)[-1]

@@ -14,13 +14,14 @@ Returns one output per row in the task's format (slot list, JSON object or text)
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 
+from databricks_llm import validation
 from databricks_llm.errors import InputError
 from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
 
@@ -55,11 +56,10 @@ def _flag(row: dict, defaults: dict, key: str, fallback: bool, prefix: str) -> b
     value = row.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         value = defaults.get(key, fallback)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{prefix}{key} must be true or false (got {value!r})")
-    return bool(value)
+    try:
+        return validation.parse_bool(value)
+    except argparse.ArgumentTypeError:
+        raise InputError(f"{prefix}{key} must be true or false (got {value!r})") from None
 
 
 def _value(row: dict, defaults: dict, key: str, fallback: float) -> float:
