@@ -182,4 +182,4 @@ if __name__ == "__main__":
         code = main()
     finally:
         runtime.exit_within(EXIT_SECONDS, code)
-    sys.exit(code)
+    runtime.exit_process(code)

@@ -6,6 +6,7 @@ where the differences are absorbed so that nothing special has to be passed on t
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -49,11 +50,25 @@ def init_process_group(use_deepspeed: bool) -> None:
 
 def leave() -> None:
     """End of a job that went well: wait for every rank (rank 0 is the last to finish, it logs the
-    final model), then close the process group, so no rank exits with its threads still running
-    (gloo aborts such a process: "terminate called without an active exception")."""
+    final model), then close the process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`. A rank of a job (WORLD_SIZE set by its launcher, or by
+    `set_distributed_env_defaults`) skips the interpreter's teardown: gloo's worker threads outlive
+    `destroy_process_group` (DeepSpeed's groups and ZeRO-3's parameters still hold the groups), and
+    destroying them during teardown sometimes aborted a job that had gone well ("terminate called
+    without an active exception", exit -6, one CI run in several). Python's exit handlers (MLflow's,
+    temporary folders') still run first."""
+    if "WORLD_SIZE" not in os.environ:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what interpreter teardown would have run, in the same order
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,11 @@ def test_two_rank_job_makes_exactly_one_mlflow_run_with_real_weights(tiny_model,
     trained = dict(served.named_parameters())
     assert all(trained[name].shape == p.shape for name, p in original.named_parameters())
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], original.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_process_ends_with_its_code_after_its_exit_handlers_rank_or_not(world_size):
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world_size} if world_size else {})
+    code = "import atexit; from databricks_llm import runtime; atexit.register(print, 'handlers ran'); runtime.exit_process(3)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout.strip()) == (3, "handlers ran")
