@@ -19,6 +19,12 @@ min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md 
                          measured here with the same dtype.
 5. generation_examples_per_s  batched generation (the pyfunc/evaluate path) vs one prompt at a time;
                          pass a fine-tuned --generation_model: a base model answers in long prose.
+6. lever_<name>          (--measures=levers) one change to the training step against today's default,
+                         the same rows, alternated: fused AdamW, torch.compile, bf16 autocast (bf16
+                         frozen weights, as fine_tune --bf16 loads them), micro-batches of 16 and 32,
+                         and packing (each batch's rows end to end in one row, attention kept within
+                         rows by transformers' packed-sequence mask). Useful tokens/s and MFU, each
+                         against the matmul peak of its own dtype.
 """
 
 from __future__ import annotations
@@ -65,11 +71,19 @@ def training_setup(args, rows: int, shuffle: bool = False, lora: bool = True, lo
     splits, task = data.load(args.dataset)
     raw = data.head(splits["train"].shuffle(seed=0) if shuffle else splits["train"], rows)
     tokenized = data.tokenize_splits(datasets.DatasetDict(train=raw), tokenizer, 256, task)["train"]
-    model = models.load_model(args.model, dtype=torch.bfloat16 if args.bf16 else None)
+    model = benchmark_model(args.model, torch.bfloat16 if args.bf16 else None, lora, lora_dropout)
+    return SimpleNamespace(tokenizer=tokenizer, splits=splits, task=task, raw=raw, tokenized=tokenized, model=model)
+
+
+def benchmark_model(source: str, dtype: torch.dtype | None, lora: bool, lora_dropout: float):
+    """The model as fine_tune loads it: frozen weights in `dtype`, LoRA-wrapped (`LORA`) unless not `lora`."""
+    from databricks_llm import models
+
+    model = models.load_model(source, dtype=dtype)
     if lora:
         model = models.add_lora(model, r=LORA["r"], alpha=LORA["lora_alpha"], dropout=lora_dropout,
                                 target_modules=LORA["target_modules"], gradient_checkpointing=False, use_4bit=False)
-    return SimpleNamespace(tokenizer=tokenizer, splits=splits, task=task, raw=raw, tokenized=tokenized, model=model)
+    return model
 
 
 def seed_style(row: dict, pad: int) -> dict:
@@ -148,6 +162,60 @@ def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
     lora = hasattr(model, "peft_config")
     flops = [training_flops(model, rows, lora) * t / useful for t in ours]  # FLOP/s of each repeat
     summary("mfu", [f / 1e12 for f in flops], [peak / 1e12], " TFLOP/s")
+
+
+def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
+    """The batch as one row: rows end to end, position ids restarting at each row (transformers then
+    confines attention to each row), logits only at the positions that predict a target token."""
+    ids = [t for f in features for t in f["input_ids"]]
+    labels = [t for f in features for t in f["labels"]]
+    keep = [i for i in range(len(labels) - 1) if labels[i + 1] != -100]
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([[p for f in features for p in range(len(f["input_ids"]))]]),
+            "logits_to_keep": torch.tensor(keep), "shift_labels": torch.tensor([[labels[i + 1] for i in keep]]),
+            "use_cache": False}  # with a cache, transformers would not look for packed rows
+
+
+LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, packed, or ours without a KV cache)
+    "fused_adamw": ({"optim": "adamw_torch_fused"}, "ours"),
+    "torch_compile": ({"torch_compile": True}, "ours"),
+    "bf16_autocast": ({"bf16": True}, "ours"),
+    "batch_16": ({"per_device_train_batch_size": 16}, "ours"),
+    "batch_32": ({"per_device_train_batch_size": 32}, "ours"),
+    "packing": ({}, "packed"),
+    "no_kv_cache": ({}, "no_cache"),
+}
+
+
+def measure_levers(model, tokenizer, train, args) -> None:
+    """Each lever against the default step, same rows, alternated over the repeats; a lever's first
+    run (compilation, first shapes) is warm-up. bf16 trains a second model whose frozen weights are bf16."""
+    from databricks_llm.data import collator
+
+    rows = train.select(range(args.steps * args.batch_size))
+    useful = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
+    lora = hasattr(model, "peft_config")
+    flops = training_flops(model, rows, lora)
+    half = benchmark_model(args.model, torch.bfloat16, lora, args.lora_dropout)
+    ours = collator(model, tokenizer)
+    batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False}}
+    run = {"default": lambda: train_seconds(model, rows, ours, args)}
+    run.update({name: (lambda o=overrides, m=half if "bf16" in overrides else model, c=batches[kind]:
+                       train_seconds(m, rows, c, args, **o)) for name, (overrides, kind) in LEVERS.items()})
+    for name in run:  # warm-up, untimed
+        run[name]()
+    seconds = {name: [] for name in run}
+    for _ in range(args.repeats):
+        for name in run:
+            seconds[name].append(run[name]())
+    peaks = {dtype: matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu") for dtype in (torch.float32, torch.bfloat16)}
+    default = [useful / t for t in seconds["default"]]
+    for name in run:
+        dtype = torch.bfloat16 if name == "bf16_autocast" or args.bf16 else torch.float32
+        summary(f"lever_{name}", [useful / t for t in seconds[name]], default, " tok/s")
+        mfu = [flops / t / peaks[dtype] for t in seconds[name]]
+        print(f"  MFU {statistics.median(mfu):.2f} ({min(mfu):.2f}..{max(mfu):.2f}) of the {dtype} peak "
+              f"{peaks[dtype] / 1e12:.3f} TFLOP/s", flush=True)
 
 
 def profile_training(model, tokenizer, train, args) -> None:
@@ -286,7 +354,7 @@ def main() -> int:
                         help="evaluate's --dtype for measure 5 (default: bfloat16 with --bf16, else float32)")
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--measures", default="tokens,tracking,generation",
-                        help="comma list of tokens (1 and 4), tracking (2 and 3), generation (5), profile")
+                        help="comma list of tokens (1 and 4), tracking (2 and 3), generation (5), levers (6), profile")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, not the speed")
     args = parser.parse_args()
     if args.quick:
@@ -306,6 +374,8 @@ def main() -> int:
     if "tracking" in measures:
         checkpoint = measure_tracking(model, tokenizer, train, args)
         measure_checkpoint_logging(checkpoint, args)
+    if "levers" in measures:
+        measure_levers(model, tokenizer, train, args)
     if "profile" in measures:
         profile_training(model, tokenizer, train, args)
         profile_generation(args.generation_model or args.model, splits["test"][data.INPUT][:args.generation_rows], args)

@@ -23,6 +23,35 @@ def test_speed_benchmark_quick_mode_prints_one_summary_line_per_measure():
                                               "checkpoint_log_mb", "generation_examples_per_s"]
 
 
+def test_speed_benchmark_measures_each_training_lever_against_the_default():
+    result = run_module(str(REPO / "benchmarks" / "speed.py"), "--quick", "--dataset=embedded:e2e-sample", "--measures=levers",
+                        launcher=[sys.executable], cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert SUMMARY.findall(result.stdout) == ["lever_default", "lever_fused_adamw", "lever_torch_compile",
+                                              "lever_bf16_autocast", "lever_batch_16", "lever_batch_32",
+                                              "lever_packing", "lever_no_kv_cache"]
+    assert result.stdout.count("  MFU ") == 8
+
+
+def test_packed_rows_give_the_loss_of_the_padded_batch(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from speed import packed_batch
+
+    from databricks_llm import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    splits, task = data.load("embedded:e2e-sample")
+    rows = list(data.tokenize_splits(splits, tokenizer, 256, task)["train"].select(range(4)))
+    with torch.no_grad():
+        padded = model(**data.collator(model, tokenizer)(rows)).loss
+        packed = model(**packed_batch(rows)).loss
+    assert torch.allclose(padded, packed, atol=1e-5)
+
+
 def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model_and_its_timed_checkpoint(tmp_path):
     result = run_module(str(REPO / "benchmarks" / "quality.py"), "--dataset=embedded:e2e-sample", "--max_steps=2",
                         "--test_samples=4", "--quick", f"--work_dir={tmp_path}", "--save_minutes=0.00001",
