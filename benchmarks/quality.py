@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("--test_samples", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--quick", action="store_true", help="skip the zero-shot base-model run")
     parser.add_argument("--save_minutes", default=None, help="also checkpoint after these minutes of training, e.g. 5,10,20")
+    parser.add_argument("--augment_names", type=float, default=0.0, help="fine_tune --augment_names (invented names in this fraction of rows)")
     parser.add_argument("--stage", default="all", choices=["all", "train", "score"])
     parser.add_argument("--reuse", action="store_true", help="score stage: keep a model's scores already in --work_dir")
     args = parser.parse_args()
@@ -118,13 +119,14 @@ def curve(args: argparse.Namespace, job: Path, timed: list[Path], scores: dict) 
 
 def train(args: argparse.Namespace, job: Path) -> None:
     start = time.time()
-    timed = [f"--save_minutes={args.save_minutes}"] if args.save_minutes else []
+    extra = [f"--save_minutes={args.save_minutes}"] if args.save_minutes else []
+    extra += [f"--augment_names={args.augment_names}"] if args.augment_names else []
     run("databricks_llm.fine_tune", f"--dataset={args.dataset}", f"--output_dir={job}",
         f"--max_steps={args.max_steps}", f"--per_device_train_batch_size={args.batch_size}",
         f"--learning_rate={args.learning_rate}", "--lr_scheduler_type=cosine", "--warmup_steps=20",
         f"--save_steps={args.max_steps}", f"--eval_steps={args.max_steps}", "--max_eval_samples=64",
         "--eval_generation_samples=32", "--logging_steps=20", "--disable_tqdm=true", "--bf16=true",
-        "--train_sampling_strategy=group_by_length", f"--output_format={args.output_format}", *timed)  # less padding; fine over 1000 steps, not in 40-step demos
+        "--train_sampling_strategy=group_by_length", f"--output_format={args.output_format}", *extra)  # less padding; fine over 1000 steps, not in 40-step demos
     print(f"training: {args.max_steps} steps x batch {args.batch_size} in {(time.time() - start) / 60:.1f} min")
 
 

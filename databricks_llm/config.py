@@ -32,6 +32,7 @@ class DataArguments:
     eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log the task's F1 and exact match (0: off)."})
     structured_decoding: bool = field(default=STRUCTURED_DEFAULT, metadata={"help": "Confine the outputs generated at each evaluation to the task's format (as evaluate --structured_decoding)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Hold-out fraction of train when the dataset has no validation split."})
+    augment_names: float = field(default=0.0, metadata={"help": "Fraction of training rows whose open values (names, places: fields without a closed vocabulary) are swapped, in input and target, for invented names, so the model learns to copy names it has never seen (databricks_llm/augment.py)."})
 
 
 @dataclass
@@ -96,7 +97,7 @@ _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepsp
 RANGES = {
     "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": PROBABILITY, "max_seq_length": POSITIVE,
     "max_train_samples": POSITIVE, "max_eval_samples": NON_NEGATIVE, "eval_generation_samples": NON_NEGATIVE,
-    "early_stopping_patience": NON_NEGATIVE, "validation_fraction": FRACTION,
+    "early_stopping_patience": NON_NEGATIVE, "validation_fraction": FRACTION, "augment_names": Range(0, 1),
     "learning_rate": POSITIVE, "num_train_epochs": NON_NEGATIVE, "max_steps": Range(-1),
     "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
     "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,

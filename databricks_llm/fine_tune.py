@@ -23,7 +23,7 @@ if not __package__:  # run as a file: import this package, not its modules as to
 import datasets  # noqa: E402
 
 from databricks_llm import config as job_config  # noqa: E402
-from databricks_llm import data, models, outputlock, runtime, tracking  # noqa: E402
+from databricks_llm import augment, data, models, outputlock, runtime, tracking  # noqa: E402
 from databricks_llm.callbacks import MLflowLogger, SaveAtMinutes, StopOnSignal  # noqa: E402
 from databricks_llm.config import JobConfig  # noqa: E402
 from databricks_llm.errors import exit_code  # noqa: E402
@@ -66,6 +66,11 @@ class FineTuneJob:
             self.splits, self.task = data.load(settings.dataset, self.config.task, seed=self.training.seed,
                                                validation_fraction=settings.validation_fraction)
             self.splits["train"] = data.head(self.splits["train"], settings.max_train_samples)
+            if settings.augment_names:
+                self.splits["train"], changed = augment.augment_names(self.splits["train"], self.task,
+                                                                      settings.augment_names, self.training.seed)
+                print(f"[data] --augment_names={settings.augment_names}: invented names in {changed} training rows"
+                      + ("" if changed else " (the task has no open field found in its inputs)"), flush=True)
             self.splits["validation"] = data.head(self.splits["validation"], settings.max_eval_samples)
             self.tokenized = data.tokenize_splits(self.splits, self.tokenizer, settings.max_seq_length, self.task)
         print(f"[data] {settings.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in self.splits.items()), flush=True)

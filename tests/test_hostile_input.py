@@ -137,6 +137,7 @@ CASES = [
     Case("max_eval_samples_negative", ["--max_eval_samples=-1"], "--max_eval_samples must be >= 0"),
     Case("validation_fraction_zero", ["--validation_fraction=0"], "--validation_fraction must be in (0, 1)"),
     Case("validation_fraction_above_one", ["--validation_fraction=1.5"], "--validation_fraction must be in (0, 1)"),
+    Case("augment_names_above_one", ["--augment_names=1.5"], "--augment_names must be in [0, 1]"),
     Case("max_seq_length_zero", ["--max_seq_length=0"], "--max_seq_length must be > 0"),
     Case("save_minutes_not_a_number", ["--save_minutes=5,ten"], "--save_minutes takes positive numbers of minutes, comma-separated (got 'ten')"),
     Case("save_minutes_negative", ["--save_minutes=-5"], "--save_minutes takes positive numbers of minutes"),
