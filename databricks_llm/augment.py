@@ -33,15 +33,13 @@ _PLACES = ["Bridge", "Museum", "Library", "Station", "Market", "Theatre", "Park"
            "Cinema", "Hotel", "Gardens", "Wharf", "Hall"]
 
 
-def invented_name(rng: random.Random, article: str = "") -> str:
-    """A made-up venue or landmark name in one of the shapes real ones take, after `article` ("The ",
-    "the " or none: the replaced value's own, since datasets differ on whether it is part of a name,
-    E2E's `name[Blue Spice]` for "the Blue Spice")."""
+def invented_name(rng: random.Random) -> str:
+    """A made-up venue or landmark name in one of the shapes real ones take."""
     word, thing, other = rng.choice(_WORDS), rng.choice(_THINGS), rng.choice(_THINGS)
-    shapes = [f"{word} {thing}", f"{thing} and {other}" if thing != other else thing, thing, f"{word} {rng.choice(_PLACES)}"]
-    if not article:  # "The Rosie's Kitchen" reads wrong
-        shapes += [f"{rng.choice(_PEOPLE)}'s {rng.choice(_VENUES)}", f"Casa {rng.choice(_PEOPLE)}"]
-    return article + rng.choice(shapes)
+    shapes = [f"The {word} {thing}", f"{word} {thing}", f"The {thing} and {other}" if thing != other else f"The {thing}",
+              f"{rng.choice(_PEOPLE)}'s {rng.choice(_VENUES)}", f"Casa {rng.choice(_PEOPLE)}",
+              f"the {word} {rng.choice(_PLACES)}", f"{word} {rng.choice(_PLACES)}", f"The {thing}"]
+    return rng.choice(shapes)
 
 
 def open_fields(task: Task) -> set[str]:
@@ -55,8 +53,7 @@ def open_fields(task: Task) -> set[str]:
 
 def substitute(text: str, target: str, output_format: str, fields: set[str], rng: random.Random) -> tuple[str, str]:
     """`text` and `target` with each open value found verbatim in `text` replaced by an invented
-    name with the value's article (longest values first, so a name inside another is not split);
-    the rest unchanged."""
+    name (longest values first, so a name inside another is not split); the rest unchanged."""
     if output_format == "slots":
         values = {v for k, v in parse_mr(target) if k in fields}
     else:
@@ -67,8 +64,7 @@ def substitute(text: str, target: str, output_format: str, fields: set[str], rng
         values = {v for k, v in parsed.items() if k in fields and isinstance(v, str)} if isinstance(parsed, dict) else set()
     swaps: dict[str, str] = {}
     for value in sorted((v for v in values if v and v in text), key=len, reverse=True):
-        article = value[:4] if value[:4].lower() == "the " else ""
-        while (name := invented_name(rng, article)) in swaps.values() or name in text:
+        while (name := invented_name(rng)) in swaps.values() or name in text:
             pass
         swaps[value] = name
     if not swaps:
