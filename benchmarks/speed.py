@@ -199,18 +199,21 @@ def measure_levers(model, tokenizer, train, args) -> None:
     half = benchmark_model(args.model, torch.bfloat16, lora, args.lora_dropout)
     ours = collator(model, tokenizer)
     batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False}}
-    run = {"default": lambda: train_seconds(model, rows, ours, args)}
-    run.update({name: (lambda o=overrides, m=half if "bf16" in overrides else model, c=batches[kind]:
-                       train_seconds(m, rows, c, args, **o)) for name, (overrides, kind) in LEVERS.items()})
-    for name in run:  # warm-up, untimed
-        run[name]()
-    seconds = {name: [] for name in run}
+    levers = {"default": ({}, "ours"), **LEVERS}
+
+    def run(name: str) -> float:
+        overrides, kind = levers[name]
+        return train_seconds(half if "bf16" in overrides else model, rows, batches[kind], args, **overrides)
+
+    for name in levers:  # warm-up, untimed
+        run(name)
+    seconds = {name: [] for name in levers}
     for _ in range(args.repeats):
-        for name in run:
-            seconds[name].append(run[name]())
+        for name in levers:
+            seconds[name].append(run(name))
     peaks = {dtype: matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu") for dtype in (torch.float32, torch.bfloat16)}
     default = [useful / t for t in seconds["default"]]
-    for name in run:
+    for name in levers:
         dtype = torch.bfloat16 if name == "bf16_autocast" or args.bf16 else torch.float32
         summary(f"lever_{name}", [useful / t for t in seconds[name]], default, " tok/s")
         mfu = [flops / t / peaks[dtype] for t in seconds[name]]
