@@ -9,6 +9,11 @@ Types, per record (slots and json tasks; a text task's wrong record is one `wron
 - `duplicated_key`: a field the output gives more often than the reference;
 - `out_of_vocabulary`: a value outside the field's closed vocabulary (E2E's six closed slots, or
   any field with at most `CLOSED_AT_MOST` distinct values over at least 3 times as many references).
+
+The report also counts the faults with their values, as scoring normalises them (values in lower case):
+`most_common_faults` such as `near[raja indian cuisine] missing` or `priceRange: less than £20 -> cheap`.
+A value missed or confused hundreds of times points at one pattern in the data, such as two labels
+used for the same wording.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from databricks_llm.scoring import E2E_SLOTS, exact, pairs, parse_json, parse_mr
 
 ERROR_TYPES = ("unparseable", "missing", "invented", "wrong_value", "duplicated_key", "out_of_vocabulary")
 CLOSED_AT_MOST = 12
+MOST_COMMON_FAULTS = 20
 E2E_VOCABULARY = {
     "eatType": sample_data.EAT_TYPES, "food": sample_data.FOODS, "priceRange": list(sample_data.PRICES),
     "customer rating": list(sample_data.RATINGS), "area": list(sample_data.AREAS), "familyFriendly": ["yes", "no"],
@@ -61,6 +67,26 @@ def record_errors(output_format: str, prediction: str, reference: str,
     return faults
 
 
+def value_faults(output_format: str, prediction: str, reference: str) -> list[str]:
+    """The fields a parsed output got wrong, with their values: `key[value] missing`, `key[value]
+    invented` or `key: reference value -> output value`; empty for text tasks and unparseable output."""
+    if output_format == "text":
+        return []
+    pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
+    if not pred:
+        return []
+    faults = []
+    for key in dict.fromkeys(k for k, _ in [*ref.elements(), *pred.elements()]):
+        want, got = _values(ref, key), _values(pred, key)
+        if want == got:
+            continue
+        if not got or not want:
+            faults += [f"{key}[{v}] {'missing' if not got else 'invented'}" for v in sorted((want or got).elements())]
+        else:
+            faults.append(f"{key}: {', '.join(sorted(want.elements()))} -> {', '.join(sorted(got.elements()))}")
+    return faults
+
+
 def _values(counted: Counter, key: str) -> Counter:
     return Counter(v for (k, v) in counted.elements() if k == key)
 
@@ -68,15 +94,18 @@ def _values(counted: Counter, key: str) -> Counter:
 def error_report(output_format: str, predictions: list[str], references: list[str]) -> dict:
     """Counts per error type and per (type, field), and each record's faults as `type:field` text."""
     vocabulary = closed_vocabulary(output_format, references)
-    by_type, by_field, per_record = Counter(), {t: Counter() for t in ERROR_TYPES}, []
+    by_type, by_field, by_value, per_record = Counter(), {t: Counter() for t in ERROR_TYPES}, Counter(), []
     for prediction, reference in zip(predictions, references):
         faults = record_errors(output_format, prediction, reference, vocabulary)
         by_type.update(kind for kind, _ in faults)
         for kind, key in faults:
             by_field[kind][key] += 1
+        if faults:
+            by_value.update(value_faults(output_format, prediction, reference))
         per_record.append(", ".join(f"{kind}:{key}" if key else kind for kind, key in faults))
     return {"errors": {t: by_type[t] for t in ERROR_TYPES},
             "errors_by_field": {t: dict(c.most_common()) for t, c in by_field.items() if c},
+            "most_common_faults": by_value.most_common(MOST_COMMON_FAULTS),
             "wrong_records": sum(1 for r in per_record if r), "per_record": per_record}
 
 
@@ -93,4 +122,6 @@ def summary_lines(report: dict) -> list[str]:
         if count:
             fields = ", ".join(f"{k or '-'} {n}" for k, n in list(report["errors_by_field"][kind].items())[:6])
             lines.append(f"  {kind:<18}{count:>6}   {fields}")
+    if report["most_common_faults"]:
+        lines.append("most common faults: " + "; ".join(f"{fault} {n}" for fault, n in report["most_common_faults"][:5]))
     return lines

@@ -152,3 +152,17 @@ def test_error_report_counts_types_and_fields_for_json_and_text():
     assert report["errors_by_field"]["missing"] == {"severity": 1} and report["wrong_records"] == 3
     assert report["per_record"] == ["missing:severity", "unparseable", "invented:customer"]
     assert error_report("text", ["a", "b"], ["a", "c"])["per_record"] == ["", "wrong_value:text"]
+
+
+def test_most_common_faults_name_the_values_missed_invented_or_confused():
+    from databricks_llm.error_analysis import error_report, summary_lines
+
+    reference = "name[The Mill], priceRange[less than £20], near[Café Rouge]"
+    predictions = ["name[The Mill], priceRange[cheap]", "name[The Mill], priceRange[cheap], familyFriendly[yes]",
+                   reference, "Sorry, no idea."]
+    report = error_report("slots", predictions, [reference] * 4)
+    assert report["most_common_faults"] == [("priceRange: less than £20 -> cheap", 2), ("near[café rouge] missing", 2),
+                                            ("familyFriendly[yes] invented", 1)]
+    assert summary_lines(report)[-1] == ("most common faults: priceRange: less than £20 -> cheap 2; "
+                                         "near[café rouge] missing 2; familyFriendly[yes] invented 1")
+    assert error_report("text", ["a"], ["b"])["most_common_faults"] == []
