@@ -87,3 +87,28 @@ def test_trl_peer_benchmark_quick_mode_prints_both_ratios(tiny_model):
                         "--dataset=embedded:e2e-sample", launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert SUMMARY.findall(result.stdout) == ["useful_tokens_per_s", "seconds_per_step"]
+
+
+def test_label_ambiguity_counts_wordings_labelled_two_ways_and_synonym_only_errors(tmp_path):
+    import csv
+    import json
+
+    def write(name: str, rows: list[tuple[str, str]]) -> None:
+        with (tmp_path / name).open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("mr", "ref"), *((mr, text) for text, mr in rows)])
+
+    cheap, under_20 = "name[A], priceRange[cheap]", "name[A], priceRange[less than £20]"
+    write("train-fixed.no-ol.csv", [("A is cheap.", cheap)] * 3 + [("A is cheap.", under_20)])
+    write("test-fixed.csv", [("A is cheap.", cheap), ("A is cheap.", under_20)])
+    table = {"columns": ["input", "reference", "prediction"],
+             "data": [["A is cheap.", cheap, cheap], ["A is cheap.", under_20, cheap]]}
+    (tmp_path / "predictions.json").write_text(json.dumps(table), encoding="utf-8")
+    script = str(REPO / "benchmarks" / "label_ambiguity.py")
+    result = run_module(script, f"--dataset={tmp_path}", f"--predictions={tmp_path / 'predictions.json'}",
+                        launcher=[sys.executable], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^priceRange\s+cheap\s+4\s+cheap 0.75, less than £20 0.25\s+2\s+0.50$", result.stdout, re.MULTILINE)
+    assert "1 of 2 (0.500); exact match above 0.500 needs cues beyond the wording" in result.stdout
+    assert "2 rows, exact match 0.500; with synonym labels taken as equal 1.000 (1 records" in result.stdout
+    missing = run_module(script, f"--dataset={tmp_path / 'nowhere'}", launcher=[sys.executable], cwd=REPO)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1

@@ -1,0 +1,121 @@
+"""How far E2E's labels let exact match go: the same wording labelled two ways.
+
+    python benchmarks/label_ambiguity.py                                      # the data alone
+    python benchmarks/label_ambiguity.py --predictions=<evaluate's predictions.json>   # and a model's rows
+
+E2E gives priceRange and customer rating two label sets for one meaning (`cheap` and `less than
+£20`, `high` and `5 out of 5`, ...): the crowd worker saw one of them and wrote "cheap" or "low
+prices" either way, and the cleaned references keep the label the worker saw. For each common
+wording this prints how the training and test references label the rows whose text uses it, and the
+share a model loses on those rows even when it always picks the wording's most frequent label.
+With `--predictions` (the per-example table `evaluate` logs to MLflow) it also prints the model's
+exact match when a label is taken to equal its synonym, which says how many of its wrong records
+are that choice and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from databricks_llm.scoring import pairs
+
+E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e_nlg" / "cleaned"
+WORDINGS = {  # slot: (wording, regex over the input text)
+    "priceRange": [("cheap", r"\bcheap"), ("low price", r"\blow[- ]?(cost|pric)"), ("affordable", r"\baffordabl|inexpensive"),
+                   ("expensive", r"(?<!in)expensive|pricey|costly"), ("high price", r"\bhigh[- ]?pric"),
+                   ("moderate", r"\bmoderate"), ("average price", r"\baverage[- ]?pric|mid[- ]?(range|pric)|medium[- ]?pric"),
+                   ("reasonable", r"\breasonabl")],
+    "customer rating": [("low rating", r"\blow(ly)?[- ]?(customer )?rat|poor(ly)?[- ]?rat|one[- ]star|1[- ]star"),
+                        ("high rating", r"\bhigh(ly)?[- ]?(customer )?rat|five[- ]star|5[- ]star"),
+                        ("average rating", r"\baverage[- ]?(customer )?rat|three[- ]star|3[- ]star")],
+}
+SYNONYMS = {"priceRange": [("cheap", "less than £20"), ("moderate", "£20-25"), ("high", "more than £30")],
+            "customer rating": [("low", "1 out of 5"), ("average", "3 out of 5"), ("high", "5 out of 5")]}
+
+
+def rows(path: Path) -> list[tuple[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return [(r["ref"], r["mr"]) for r in csv.DictReader(f)]
+
+
+def label(mr: str, slot: str) -> str:
+    values = [v for (k, v) in pairs(mr, "slots").elements() if k == slot]
+    return values[0] if len(values) == 1 else "(none)" if not values else "(several)"
+
+
+def wording_table(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Print each wording's labels; return its most frequent training label, by (slot, wording)."""
+    majorities = {}
+    print(f"{'slot':<16}{'wording':<16}{'train rows':>11}  train labels (share)                           "
+          f"{'test rows':>10}  lost by its majority label")
+    for slot, wordings in WORDINGS.items():
+        for name, pattern in wordings:
+            found = re.compile(pattern, re.IGNORECASE)
+            train_labels = Counter(label(mr, slot) for text, mr in train if found.search(text))
+            test_labels = Counter(label(mr, slot) for text, mr in test if found.search(text))
+            if not train_labels:
+                continue
+            majority = majorities[slot, name] = train_labels.most_common(1)[0][0]
+            shares = ", ".join(f"{v} {n / sum(train_labels.values()):.2f}" for v, n in train_labels.most_common(3))
+            n_test = sum(test_labels.values())
+            lost = 1 - test_labels[majority] / n_test if n_test else 0.0
+            print(f"{slot:<16}{name:<16}{sum(train_labels.values()):>11}  {shares:<46} {n_test:>10}  {lost:.2f}")
+    return majorities
+
+
+def out_of_reach(test: list[tuple[str, str]], majorities: dict[tuple[str, str], str]) -> None:
+    """Test rows whose label for a slot is none of the majority labels of the wordings their text uses:
+    a model that labels each wording one way gets them wrong, however well it is trained."""
+    lost = 0
+    for text, mr in test:
+        for slot, wordings in WORDINGS.items():
+            used = {majorities[slot, name] for name, pattern in wordings
+                    if (slot, name) in majorities and re.search(pattern, text, re.IGNORECASE)}
+            if used and label(mr, slot) not in used:
+                lost += 1
+                break
+    print(f"\ntest rows whose priceRange or customer rating label is not the usual label of their wording: "
+          f"{lost} of {len(test)} ({lost / len(test):.3f}); exact match above {1 - lost / len(test):.3f} needs "
+          f"cues beyond the wording")
+
+
+def merged(value_pairs: Counter) -> Counter:
+    """The pairs with each synonym label replaced by its partner's name (`less than £20` -> `cheap`)."""
+    rename = {(slot, b): a for slot, both in SYNONYMS.items() for a, b in both}
+    return Counter({(k, rename.get((k, v), v)): n for (k, v), n in value_pairs.items()})
+
+
+def synonym_exact(predictions: Path) -> None:
+    table = json.loads(predictions.read_text(encoding="utf-8"))
+    records = [dict(zip(table["columns"], row)) for row in table["data"]]
+    exact = sum(pairs(r["prediction"], "slots") == pairs(r["reference"], "slots") for r in records)
+    forgiving = sum(merged(pairs(r["prediction"], "slots")) == merged(pairs(r["reference"], "slots")) for r in records)
+    print(f"\n{predictions}: {len(records)} rows, exact match {exact / len(records):.3f}; "
+          f"with synonym labels taken as equal {forgiving / len(records):.3f} "
+          f"({forgiving - exact} records wrong only by a synonym label)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default=str(E2E), help="the cleaned E2E folder")
+    parser.add_argument("--predictions", default=None, help="evaluate's predictions.json (input, reference, prediction)")
+    args = parser.parse_args()
+    folder = Path(args.dataset)
+    if not (folder / "train-fixed.no-ol.csv").is_file():
+        print(f"error: {folder} does not hold the cleaned E2E CSVs (train-fixed.no-ol.csv, test-fixed.csv)", file=sys.stderr)
+        return 2
+    test = rows(folder / "test-fixed.csv")
+    out_of_reach(test, wording_table(rows(folder / "train-fixed.no-ol.csv"), test))
+    if args.predictions:
+        synonym_exact(Path(args.predictions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
