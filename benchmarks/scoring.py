@@ -1,10 +1,13 @@
 """Scoring speed: today's generation settings against the previous ones on the same rows, same process.
 
-    python benchmarks/scoring.py --model=outputs/bench_quality/checkpoints/final_model          # 200 test rows
+    python benchmarks/scoring.py --model=outputs/bench_quality/checkpoints/final_model   # 200 test rows: today vs baseline
     python benchmarks/scoring.py --model=... --rows=200 --variants=prefix,batch64,structured
 
-The baseline is how `evaluate` generated before the prefix cache (batch 32, every prompt computed
-in full). Each variant generates for the same rows in the same dtype; the script prints seconds,
+The baseline is how `evaluate` generated when issue #17 was filed (batch 32, every prompt computed
+in full, free decoding, and the vocabulary projection fed a strided slice on the first step, which
+torch turns into a batched product over a copy of the weight per row; `generation._contiguous_head_input`
+has removed that since). Variants marked `strided` run with that old first step too, so that each
+lever is measured alone. Each variant generates for the same rows in the same dtype; the script prints seconds,
 the speed ratio against the baseline, and how many outputs differ from the baseline's (greedy
 decoding: they should not; a few can where bf16 rounding differs between batch shapes, and those
 rows are printed). Variants run in turn, then again in reverse order (`--repeats`), medians reported.
@@ -13,21 +16,28 @@ rows are printed). Variants run in turn, then again in reverse order (`--repeats
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
 
-VARIANTS = {  # name -> generate() settings on top of the baseline's
-    "baseline": {"batch_size": 32, "reuse_prefix": False},
-    "prefix": {"batch_size": 32},
-    "batch64": {"batch_size": 64},
-    "batch128": {"batch_size": 128},
-    "structured": {"batch_size": 32, "structured": True},
+STRIDED = "strided_head"  # not a generate() setting: run with the vocabulary projection's old strided input
+VARIANTS = {  # name -> generate() settings
+    "baseline": {"batch_size": 32, "reuse_prefix": False, "structured": False, STRIDED: True},
+    "prefix": {"batch_size": 32, "structured": False, STRIDED: True},
+    "batch64": {"batch_size": 64, "structured": False, STRIDED: True},
+    "batch128": {"batch_size": 128, "structured": False, STRIDED: True},
+    "structured": {"batch_size": 32, "structured": True, STRIDED: True},
+    "contiguous": {"batch_size": 32, "structured": False},
+    "contiguous64": {"batch_size": 64, "structured": False},
+    "contiguous128": {"batch_size": 128, "structured": False},
+    "today": {"batch_size": 128, "structured": True},  # what quality.py's scoring runs now
 }
 
 
@@ -38,7 +48,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max_tokens", type=int, default=96)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--variants", default="prefix,batch64", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="contiguous,contiguous128,today",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="each variant runs 2 x repeats times, orders alternating")
     args = parser.parse_args()
     names = ["baseline", *[v for v in args.variants.split(",") if v and v != "baseline"]]
@@ -47,7 +58,7 @@ def main() -> int:
         print(f"error: unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
 
-    from databricks_llm import data, models
+    from databricks_llm import data, generation, models
     from databricks_llm.evaluate import load_scorable, task_of
     from databricks_llm.generation import generate
     from databricks_llm.scoring import score
@@ -63,8 +74,11 @@ def main() -> int:
     outputs: dict[str, list[str]] = {}
     for repeat in range(2 * args.repeats):
         for name in (names if repeat % 2 == 0 else names[::-1]):
+            settings = dict(VARIANTS[name])
+            head = contextlib.nullcontext if settings.pop(STRIDED, False) else generation._contiguous_head_input
             start = time.perf_counter()
-            outputs[name] = generate(model, tokenizer, inputs, task=task, max_tokens=args.max_tokens, **VARIANTS[name])
+            with mock.patch.object(generation, "_contiguous_head_input", head):
+                outputs[name] = generate(model, tokenizer, inputs, task=task, max_tokens=args.max_tokens, **settings)
             seconds[name].append(time.perf_counter() - start)
             print(f"[scoring] {name}: {seconds[name][-1]:.1f}s", flush=True)
     base = statistics.median(seconds["baseline"])

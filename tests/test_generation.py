@@ -42,3 +42,17 @@ def test_reusing_the_prefix_gives_the_same_greedy_outputs(tiny_causal_lm, tiny_t
     reused = generate(tiny_causal_lm, tiny_tokenizer, inputs, reuse_prefix=True, **kwargs)
     assert reused == generate(tiny_causal_lm, tiny_tokenizer, inputs, reuse_prefix=False, **kwargs)
     assert len(set(reused)) > 1
+
+
+def test_the_vocabulary_projection_gets_contiguous_input_while_generating_and_no_hook_is_left(tiny_causal_lm,
+                                                                                              tiny_tokenizer):
+    head = tiny_causal_lm.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        generate(tiny_causal_lm, tiny_tokenizer, ["The Mill is a pub.", "A cheap pub near the river."], max_tokens=3,
+                 batch_size=2, structured=False)
+    finally:
+        probe.remove()
+    assert seen and all(seen)  # a strided slice here makes torch broadcast the weight to every row (slow on CPU)
+    assert not head._forward_pre_hooks
