@@ -166,7 +166,8 @@ def _run(argv: list[str] | None) -> None:
             correct = [exact(task.output_format, p, r) for p, r in zip(row["predictions"], references)]
             mlflow.log_table({"input": inputs, "reference": references, "prediction": row["predictions"],
                               "correct": correct, "errors": row["per_record"]}, artifact_file=f"predictions{suffix}.json")
-            mlflow.log_dict({k: row[k] for k in ("errors", "errors_by_field", "most_common_faults", "wrong_records")}, f"errors{suffix}.json")
+            report = ("errors", "errors_by_field", "most_common_faults", "wrong_records")
+            mlflow.log_dict({k: row[k] for k in report}, f"errors{suffix}.json")
         if args.compare_run:
             figure = runs.loss_figure(args.compare_run, [(r["step"], r["f1"]) for r in rows])
             mlflow.log_figure(figure, "loss_and_f1.png")
