@@ -123,5 +123,6 @@ def summary_lines(report: dict) -> list[str]:
             fields = ", ".join(f"{k or '-'} {n}" for k, n in list(report["errors_by_field"][kind].items())[:6])
             lines.append(f"  {kind:<18}{count:>6}   {fields}")
     if report["most_common_faults"]:
-        lines.append("most common faults: " + "; ".join(f"{fault} {n}" for fault, n in report["most_common_faults"][:5]))
+        top = report["most_common_faults"][:5]
+        lines.append("most common faults: " + "; ".join(f"{fault} {n}" for fault, n in top))
     return lines
