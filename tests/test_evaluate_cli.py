@@ -53,6 +53,7 @@ def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tm
     assert table["columns"] == ["input", "reference", "prediction", "correct", "errors"] and len(table["data"]) == 4
     errors = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/errors.json")
     assert set(errors["errors"]) == set(ERROR_TYPES) and "errors_missing" in evaluation.data.metrics
+    assert errors["most_common_faults"] == scores["most_common_faults"]  # [fault, count] pairs, as in the JSON
     assert "errors in" in result.stdout
 
 
