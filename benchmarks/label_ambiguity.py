@@ -16,14 +16,15 @@ are that choice and nothing else.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
-from databricks_llm.scoring import pairs
+from databricks_llm import data
+from databricks_llm.errors import InputError
+from databricks_llm.scoring import exact, pairs
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e_nlg" / "cleaned"
 WORDINGS = {  # slot: (wording, regex over the input text)
@@ -37,11 +38,6 @@ WORDINGS = {  # slot: (wording, regex over the input text)
 }
 SYNONYMS = {"priceRange": [("cheap", "less than £20"), ("moderate", "£20-25"), ("high", "more than £30")],
             "customer rating": [("low", "1 out of 5"), ("average", "3 out of 5"), ("high", "5 out of 5")]}
-
-
-def rows(path: Path) -> list[tuple[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        return [(r["ref"], r["mr"]) for r in csv.DictReader(f)]
 
 
 def label(mr: str, slot: str) -> str:
@@ -94,24 +90,25 @@ def merged(value_pairs: Counter) -> Counter:
 def synonym_exact(predictions: Path) -> None:
     table = json.loads(predictions.read_text(encoding="utf-8"))
     records = [dict(zip(table["columns"], row)) for row in table["data"]]
-    exact = sum(pairs(r["prediction"], "slots") == pairs(r["reference"], "slots") for r in records)
+    right = sum(exact("slots", r["prediction"], r["reference"]) for r in records)
     forgiving = sum(merged(pairs(r["prediction"], "slots")) == merged(pairs(r["reference"], "slots")) for r in records)
-    print(f"\n{predictions}: {len(records)} rows, exact match {exact / len(records):.3f}; "
+    print(f"\n{predictions}: {len(records)} rows, exact match {right / len(records):.3f}; "
           f"with synonym labels taken as equal {forgiving / len(records):.3f} "
-          f"({forgiving - exact} records wrong only by a synonym label)")
+          f"({forgiving - right} records wrong only by a synonym label)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default=str(E2E), help="the cleaned E2E folder")
+    parser.add_argument("--dataset", default=str(E2E), help="the E2E data, in any form fine_tune --dataset takes")
     parser.add_argument("--predictions", default=None, help="evaluate's predictions.json (input, reference, prediction)")
     args = parser.parse_args()
-    folder = Path(args.dataset)
-    if not (folder / "train-fixed.no-ol.csv").is_file():
-        print(f"error: {folder} does not hold the cleaned E2E CSVs (train-fixed.no-ol.csv, test-fixed.csv)", file=sys.stderr)
+    try:
+        splits, _ = data.load(args.dataset)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    test = rows(folder / "test-fixed.csv")
-    out_of_reach(test, wording_table(rows(folder / "train-fixed.no-ol.csv"), test))
+    train, test = (list(zip(splits[s][data.INPUT], splits[s][data.OUTPUT])) for s in ("train", "test"))
+    out_of_reach(test, wording_table(train, test))
     if args.predictions:
         synonym_exact(Path(args.predictions))
     return 0

@@ -6,7 +6,7 @@
 The baseline is how `evaluate` generated when issue #17 was filed (batch 32, every prompt computed
 in full, free decoding, and the vocabulary projection fed a strided slice on the first step, which
 torch turns into a batched product over a copy of the weight per row; `generation._contiguous_head_input`
-has removed that since). Variants marked `strided` run with that old first step too, so that each
+has removed that since). Variants with `STRIDED` set run with that old first step too, so that each
 lever is measured alone. Each variant generates for the same rows in the same dtype; the script prints seconds,
 the speed ratio against the baseline, and how many outputs differ from the baseline's (greedy
 decoding: they should not; a few can where bf16 rounding differs between batch shapes, and those
@@ -35,7 +35,6 @@ VARIANTS = {  # name -> generate() settings
     "batch128": {"batch_size": 128, "structured": False, STRIDED: True},
     "structured": {"batch_size": 32, "structured": True, STRIDED: True},
     "contiguous": {"batch_size": 32, "structured": False},
-    "contiguous64": {"batch_size": 64, "structured": False},
     "contiguous128": {"batch_size": 128, "structured": False},
     "today": {"batch_size": 128, "structured": True},  # what quality.py's scoring runs now
 }

@@ -49,9 +49,8 @@ def record_errors(output_format: str, prediction: str, reference: str,
     """(error type, field) of every fault of one record; empty when it is right."""
     if output_format == "text":
         return [] if exact("text", prediction, reference) else [("wrong_value", "text")]
-    parsed = parse_json(prediction) is not None if output_format == "json" else bool(parse_mr(prediction))
     ref = pairs(reference, output_format)
-    if not parsed:
+    if not _parses(output_format, prediction):
         return [("unparseable", "")] if ref else []
     pred = pairs(prediction, output_format)
     if pred == ref:
@@ -72,9 +71,9 @@ def value_faults(output_format: str, prediction: str, reference: str) -> list[st
     invented` or `key: reference value -> output value`; empty for text tasks and unparseable output."""
     if output_format == "text":
         return []
-    pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
-    if not pred:
+    if not _parses(output_format, prediction):
         return []
+    pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
     faults = []
     for key in dict.fromkeys(k for k, _ in [*ref.elements(), *pred.elements()]):
         want, got = _values(ref, key), _values(pred, key)
@@ -85,6 +84,11 @@ def value_faults(output_format: str, prediction: str, reference: str) -> list[st
         else:
             faults.append(f"{key}: {', '.join(sorted(want.elements()))} -> {', '.join(sorted(got.elements()))}")
     return faults
+
+
+def _parses(output_format: str, prediction: str) -> bool:
+    """Whether the output is one JSON object (json) or holds a `key[value]` pair (slots)."""
+    return parse_json(prediction) is not None if output_format == "json" else bool(parse_mr(prediction))
 
 
 def _values(counted: Counter, key: str) -> Counter:

@@ -99,6 +99,7 @@ def test_label_ambiguity_counts_wordings_labelled_two_ways_and_synonym_only_erro
 
     cheap, under_20 = "name[A], priceRange[cheap]", "name[A], priceRange[less than £20]"
     write("train-fixed.no-ol.csv", [("A is cheap.", cheap)] * 3 + [("A is cheap.", under_20)])
+    write("devel-fixed.no-ol.csv", [("A is cheap.", cheap)])  # else data.load holds out training rows
     write("test-fixed.csv", [("A is cheap.", cheap), ("A is cheap.", under_20)])
     table = {"columns": ["input", "reference", "prediction"],
              "data": [["A is cheap.", cheap, cheap], ["A is cheap.", under_20, cheap]]}

@@ -166,3 +166,4 @@ def test_most_common_faults_name_the_values_missed_invented_or_confused():
     assert summary_lines(report)[-1] == ("most common faults: priceRange: less than £20 -> cheap 2; "
                                          "near[café rouge] missing 2; familyFriendly[yes] invented 1")
     assert error_report("text", ["a"], ["b"])["most_common_faults"] == []
+    assert error_report("json", ["{}"], ['{"product": "VPN"}'])["most_common_faults"] == [("product[vpn] missing", 1)]
