@@ -178,6 +178,7 @@ def _check(config: JobConfig) -> None:
     tracking.check_report_to(training.report_to)
     if config.job.deepspeed_config:
         runtime.check_deepspeed_config(config.job.deepspeed_config, training)
+        runtime.check_op_build_locks()
     validation.check_writable(config.job.final_model_output_path, "--final_model_output_path")
     if config.job.save_minutes is not None:
         config.job.minutes()

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -175,6 +176,27 @@ def check_deepspeed_config(path: str, training: Any) -> None:
     if synced.mismatches:
         raise InputError(f"--deepspeed_config {path} contradicts the flags: {synced.mismatches[0].lstrip('- ')} "
                          "(set it to \"auto\" or change the flag)")
+
+
+STALE_BUILD_LOCK_MINUTES = 10  # DeepSpeed's CPU ops build in under a minute here, CUDA ones in a few
+
+
+def check_op_build_locks() -> None:
+    """DeepSpeed compiles its ops (fused and CPU Adam, shared-memory comms) on first use under
+    torch's extensions folder, holding a `lock` file there while it builds. A build killed part-way
+    leaves the file behind and every later job waits on it forever without a word (seen: a whole CI
+    run). A lock older than any build takes is refused here, naming the file to delete."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            minutes = (time.time() - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # the build it belonged to just finished
+            continue
+        if minutes >= STALE_BUILD_LOCK_MINUTES:
+            raise InputError(f"{lock} is {minutes:.0f} minutes old: a DeepSpeed op build was killed part-way and "
+                             "every job would wait on it forever; delete that file and rerun")
 
 
 def _first_problem(err: Exception) -> str:

@@ -29,6 +29,9 @@ CHATML = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's op builds (compiled once, ~2 min) belong to this venv: a clean clone's tests never wait
+# on the lock a killed build of another checkout left in the shared ~/.cache/torch_extensions.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:

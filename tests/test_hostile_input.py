@@ -73,6 +73,18 @@ def edit_config(**changes) -> Callable[[Path], None]:
     return edit
 
 
+def stale_build_lock(folder: Path, model: Path) -> None:
+    """DeepSpeed's config, and the lock a fused-Adam build killed 20 minutes ago left behind."""
+    import os
+    import time
+
+    write("ds.json", json.dumps(DS))(folder, model)
+    lock = folder / "extensions" / "py311_cpu" / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 20 * 60,) * 2)
+
+
 def bigger_tokenizer(folder: Path, model: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -161,6 +173,8 @@ CASES = [
          setup=write("ds.json", json.dumps({**DS, "train_micro_batch_size_per_gpu": 3}))),
     Case("deepspeed_grad_accum_contradicts", ["--deepspeed_config={case}/ds.json"], "gradient_accumulation_steps=4",
          setup=write("ds.json", json.dumps({**DS, "gradient_accumulation_steps": 4}))),
+    Case("deepspeed_op_build_lock_stale", ["--deepspeed_config={case}/ds.json"], "fused_adam/lock is 20 minutes old",
+         env={"TORCH_EXTENSIONS_DIR": "{case}/extensions"}, setup=stale_build_lock),
     # environment variables
     Case("mlflow_tags_not_json", [], "MLFLOW_TAGS='{bad' is not valid", env={"MLFLOW_TAGS": "{bad"}),
     Case("mlflow_tags_array", [], "must be a JSON object", env={"MLFLOW_TAGS": "[1, 2]"}),
@@ -251,7 +265,8 @@ def run_case(case: Case, folder: Path, model: Path) -> tuple[subprocess.Complete
     values = {"model": model, "out": folder / "out", "case": folder}
     args = [a.format(**values) for a in case.base + case.args]
     before = snapshot(folder)
-    env = {"DATABRICKS_LLM_CACHE": str(folder / "cache"), **case.env}
+    env = {"DATABRICKS_LLM_CACHE": str(folder / "cache"),
+           **{name: value.replace("{case}", str(folder)) for name, value in case.env.items()}}
     result = run_module(case.module, *args, cwd=folder / "cwd", env=env, timeout=300)
     return result, before, snapshot(folder)
 
