@@ -6,11 +6,12 @@
 The baseline is how `evaluate` generated when issue #17 was filed (batch 32, every prompt computed
 in full, free decoding, and the vocabulary projection fed a strided slice on the first step, which
 torch turns into a batched product over a copy of the weight per row; `generation._contiguous_head_input`
-has removed that since). Variants with `STRIDED` set run with that old first step too, so that each
-lever is measured alone. Each variant generates for the same rows in the same dtype; the script prints seconds,
-the speed ratio against the baseline, and how many outputs differ from the baseline's (greedy
-decoding: they should not; a few can where bf16 rounding differs between batch shapes, and those
-rows are printed). Variants run in turn, then again in reverse order (`--repeats`), medians reported.
+has removed that since), and transformers' `generate` running every row of a batch until its longest
+ends (`generation._greedy` drops finished rows since). Variants with `STRIDED` or `HF_LOOP` set run with
+that old first step or loop, so that each lever is measured alone. Each variant generates for the
+same rows in the same dtype; the script prints seconds, the speed ratio against the baseline, and
+how many outputs differ from the baseline's (greedy decoding: they should not; a few can where
+bf16 rounding differs between batch shapes, and those rows are printed). Variants run in turn, then again in reverse order (`--repeats`), medians reported.
 """
 
 from __future__ import annotations
@@ -28,16 +29,33 @@ sys.path.insert(0, str(REPO))
 E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
 
 STRIDED = "strided_head"  # not a generate() setting: run with the vocabulary projection's old strided input
+HF_LOOP = "hf_generate"  # not a generate() setting: greedy decoding by transformers' generate, as before
 VARIANTS = {  # name -> generate() settings
-    "baseline": {"batch_size": 32, "reuse_prefix": False, "structured": False, STRIDED: True},
-    "prefix": {"batch_size": 32, "structured": False, STRIDED: True},
-    "batch64": {"batch_size": 64, "structured": False, STRIDED: True},
-    "batch128": {"batch_size": 128, "structured": False, STRIDED: True},
-    "structured": {"batch_size": 32, "structured": True, STRIDED: True},
-    "contiguous": {"batch_size": 32, "structured": False},
-    "contiguous128": {"batch_size": 128, "structured": False},
+    "baseline": {"batch_size": 32, "reuse_prefix": False, "structured": False, STRIDED: True, HF_LOOP: True},
+    "prefix": {"batch_size": 32, "structured": False, STRIDED: True, HF_LOOP: True},
+    "batch64": {"batch_size": 64, "structured": False, STRIDED: True, HF_LOOP: True},
+    "batch128": {"batch_size": 128, "structured": False, STRIDED: True, HF_LOOP: True},
+    "structured": {"batch_size": 32, "structured": True, STRIDED: True, HF_LOOP: True},
+    "contiguous": {"batch_size": 32, "structured": False, HF_LOOP: True},
+    "contiguous128": {"batch_size": 128, "structured": False, HF_LOOP: True},
+    "dropping128": {"batch_size": 128, "structured": False},  # finished rows leave the batch
+    "generate128": {"batch_size": 128, "structured": True, HF_LOOP: True},  # evaluate before rows left the batch
     "today": {"batch_size": 128, "structured": True},  # what quality.py's scoring runs now
 }
+
+
+def hf_greedy(model, ids, mask, cache, max_tokens, eos, pad, processor):
+    """`generation._greedy` as it was: transformers' generate, every row stepping until the batch's
+    longest ends."""
+    from transformers import LogitsProcessorList
+
+    from databricks_llm import generation
+
+    extra = {"logits_processor": LogitsProcessorList([processor])} if processor else {}
+    if cache is not None:
+        extra[generation._cache_argument(model)] = cache
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, pad_token_id=pad,
+                          eos_token_id=eos, do_sample=False, **extra)[:, ids.shape[1]:]
 
 
 def main() -> int:
@@ -47,7 +65,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max_tokens", type=int, default=96)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--variants", default="contiguous,contiguous128,today",
+    parser.add_argument("--variants", default="contiguous128,dropping128,generate128,today",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="each variant runs 2 x repeats times, orders alternating")
     args = parser.parse_args()
@@ -75,8 +93,10 @@ def main() -> int:
         for name in (names if repeat % 2 == 0 else names[::-1]):
             settings = dict(VARIANTS[name])
             head = contextlib.nullcontext if settings.pop(STRIDED, False) else generation._contiguous_head_input
+            loop = hf_greedy if settings.pop(HF_LOOP, False) else generation._greedy
             start = time.perf_counter()
-            with mock.patch.object(generation, "_contiguous_head_input", head):
+            with (mock.patch.object(generation, "_contiguous_head_input", head),
+                  mock.patch.object(generation, "_greedy", loop)):
                 outputs[name] = generate(model, tokenizer, inputs, task=task, max_tokens=args.max_tokens, **settings)
             seconds[name].append(time.perf_counter() - start)
             print(f"[scoring] {name}: {seconds[name][-1]:.1f}s", flush=True)

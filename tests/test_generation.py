@@ -56,3 +56,32 @@ def test_the_vocabulary_projection_gets_contiguous_input_while_generating_and_no
         probe.remove()
     assert seen and all(seen)  # a strided slice here makes torch broadcast the weight to every row (slow on CPU)
     assert not head._forward_pre_hooks
+
+
+def test_greedy_decoding_gives_generates_tokens_while_rows_leave_the_batch_as_they_end(tiny_causal_lm, tiny_tokenizer):
+    import torch
+
+    from databricks_llm.data import encode_prompts, padded
+    from databricks_llm.generation import _greedy
+
+    prompts = encode_prompts(tiny_tokenizer, [row["sentence"] for row in sample_rows(6, seed=3)], E2E)
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.tensor(padded(prompts, pad, left=True))
+    mask = torch.tensor(padded([[1] * len(p) for p in prompts], 0, left=True))
+    settings = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 10, "do_sample": False, "pad_token_id": pad}
+    free = tiny_causal_lm.generate(**settings)[:, ids.shape[1]:]
+    rows = free.tolist()
+    ends = {token: {row.index(token) for row in rows if token in row} for token in free.unique().tolist()}
+    stop = max(ends, key=lambda token: len(ends[token]))  # the token that ends rows at the most different steps
+    expected = tiny_causal_lm.generate(**settings, eos_token_id=stop)[:, ids.shape[1]:]
+    batch_sizes = []
+    probe = tiny_causal_lm.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tokens = _greedy(tiny_causal_lm, ids, mask, None, 10, stop, pad, None)
+    finally:
+        probe.remove()
+    assert torch.equal(tokens[:, :expected.shape[1]], expected)
+    assert (tokens[:, expected.shape[1]:] == pad).all()
+    assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and batch_sizes == sorted(batch_sizes, reverse=True)
