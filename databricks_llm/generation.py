@@ -46,8 +46,10 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
     follow the attention mask, so each row sees what it would see alone).
     `structured` confines each output to the task's format (`constraints`: the fields and closed
     values of the training targets, each field at most once).
-    `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate (no prefix reuse there:
-    a forward outside `generate` would not be synchronised).
+    Greedy decoding (temperature 0) lets each row leave its batch when it ends (`_greedy`);
+    sampling runs transformers' `generate`.
+    `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate (`generate` again, and no
+    prefix reuse: a forward outside `generate` would not be synchronised).
     """
     prompts = encode_prompts(tokenizer, [s[:MAX_INPUT_CHARS] for s in inputs], task)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
