@@ -105,10 +105,14 @@ def candidates(run_id: str) -> list[tuple[str, int, str]]:
 
 
 def print_table(rows: list[dict], best: str | None = None) -> None:
-    print(f"{'model':<28}{'precision':>10}{'recall':>10}{'f1':>10}{'exact':>10}{'n':>6}{'seconds':>9}")
-    for row in rows:
+    """One line per model, the name column as wide as the longest name: model paths often differ
+    only past their first characters (`outputs/bench_lr2e3/...`, `outputs/bench_lr2e3_aug/...`)."""
+    names = [row.get("name", row["model_uri"]) for row in rows]
+    width = max([27, *map(len, names)]) + 1
+    print(f"{'model':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'exact':>10}{'n':>6}{'seconds':>9}")
+    for name, row in zip(names, rows):
         mark = "  <- best" if best is not None and row.get("name") == best else ""
-        print(f"{row.get('name', row['model_uri'])[:27]:<28}{row['precision']:>10.3f}{row['recall']:>10.3f}"
+        print(f"{name:<{width}}{row['precision']:>10.3f}{row['recall']:>10.3f}"
               f"{row['f1']:>10.3f}{row['exact_match']:>10.3f}{row['n']:>6}{row['seconds']:>9.1f}{mark}")
 
 

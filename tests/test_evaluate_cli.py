@@ -86,3 +86,12 @@ def test_early_stopping_watches_the_tasks_f1_by_default_and_stops_before_max_ste
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["metric_for_best_model"] == "eval_f1"
     assert state["best_metric"] is not None
+
+
+def test_the_table_prints_long_model_names_whole_and_keeps_the_columns_aligned(capsys):
+    scores = {"precision": 0.9, "recall": 0.8, "f1": 0.85, "exact_match": 0.5, "n": 250, "seconds": 35.0}
+    names = ["outputs/bench_quality_lr2e3/checkpoints/final_model", "outputs/bench_quality_lr2e3_aug/checkpoints/final_model"]
+    evaluate_cli.print_table([{"model_uri": name, **scores} for name in names])
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == names
+    assert {line.index("0.850") for line in lines} == {header.index("f1") - 3}
