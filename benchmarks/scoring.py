@@ -11,13 +11,15 @@ ends (`generation._greedy` drops finished rows since). Variants with `STRIDED` o
 that old first step or loop, so that each lever is measured alone. Each variant generates for the
 same rows in the same dtype; the script prints seconds, the speed ratio against the baseline, and
 how many outputs differ from the baseline's (greedy decoding: they should not; a few can where
-bf16 rounding differs between batch shapes, and those rows are printed). Variants run in turn, then again in reverse order (`--repeats`), medians reported.
+bf16 rounding differs between batch shapes, and those rows are printed). Variants run in turn,
+then again in reverse order (`--repeats`), medians reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -42,20 +44,6 @@ VARIANTS = {  # name -> generate() settings
     "generate128": {"batch_size": 128, "structured": True, HF_LOOP: True},  # evaluate before rows left the batch
     "today": {"batch_size": 128, "structured": True},  # what quality.py's scoring runs now
 }
-
-
-def hf_greedy(model, ids, mask, cache, max_tokens, eos, pad, processor):
-    """`generation._greedy` as it was: transformers' generate, every row stepping until the batch's
-    longest ends."""
-    from transformers import LogitsProcessorList
-
-    from databricks_llm import generation
-
-    extra = {"logits_processor": LogitsProcessorList([processor])} if processor else {}
-    if cache is not None:
-        extra[generation._cache_argument(model)] = cache
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, pad_token_id=pad,
-                          eos_token_id=eos, do_sample=False, **extra)[:, ids.shape[1]:]
 
 
 def main() -> int:
@@ -93,7 +81,8 @@ def main() -> int:
         for name in (names if repeat % 2 == 0 else names[::-1]):
             settings = dict(VARIANTS[name])
             head = contextlib.nullcontext if settings.pop(STRIDED, False) else generation._contiguous_head_input
-            loop = hf_greedy if settings.pop(HF_LOOP, False) else generation._greedy
+            loop = (functools.partial(generation._transformers_generate, do_sample=False)
+                    if settings.pop(HF_LOOP, False) else generation._greedy)
             start = time.perf_counter()
             with (mock.patch.object(generation, "_contiguous_head_input", head),
                   mock.patch.object(generation, "_greedy", loop)):

@@ -77,12 +77,8 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
                 if temperature == 0 and not synced_gpus:
                     new = _greedy(model, ids, mask, cache, max_tokens, tokenizer.eos_token_id, pad, processor)
                 else:
-                    extra = {"logits_processor": LogitsProcessorList([processor])} if processor else {}
-                    if cache is not None:
-                        extra[_cache_argument(model)] = cache
-                    new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                         synced_gpus=synced_gpus, **extra, **sampling)[:, width:]
+                    new = _transformers_generate(model, ids, mask, cache, max_tokens, tokenizer.eos_token_id, pad,
+                                                 processor, synced_gpus=synced_gpus, **sampling)
             for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text.strip()
     return outputs
@@ -120,6 +116,17 @@ def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, max_t
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, **step_inputs).logits
     return tokens
+
+
+def _transformers_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, max_tokens: int, eos: int,
+                           pad: int, processor: Any, **settings: Any) -> torch.Tensor:
+    """The new tokens from transformers' `generate` (sampling, ZeRO-3's synced steps), called as
+    `_greedy` is; every row steps until the batch's longest ends."""
+    extra = {"logits_processor": LogitsProcessorList([processor])} if processor else {}
+    if cache is not None:
+        extra[_cache_argument(model)] = cache
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, pad_token_id=pad,
+                          eos_token_id=eos, **extra, **settings)[:, ids.shape[1]:]
 
 
 @contextlib.contextmanager

@@ -184,8 +184,8 @@ STALE_BUILD_LOCK_MINUTES = 10  # DeepSpeed's CPU ops build in under a minute her
 def check_op_build_locks() -> None:
     """DeepSpeed compiles its ops (fused and CPU Adam, shared-memory comms) on first use under
     torch's extensions folder, holding a `lock` file there while it builds. A build killed part-way
-    leaves the file behind and every later job waits on it forever without a word (seen: a whole CI
-    run). A lock older than any build takes is refused here, naming the file to delete."""
+    leaves the file behind and every later job waits on it forever without a word (seen here: test
+    runs hung on one). A lock older than any build takes is refused here, naming the file to delete."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
