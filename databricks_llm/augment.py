@@ -34,11 +34,12 @@ _PLACES = ["Bridge", "Museum", "Library", "Station", "Market", "Theatre", "Park"
 
 
 def invented_name(rng: random.Random) -> str:
-    """A made-up venue or landmark name in one of the shapes real ones take."""
+    """A made-up venue or landmark name in one of the shapes real ones take. As in E2E, a capital
+    "The" belongs to a name and a lowercase "the" never does: the sentence supplies that one."""
     word, thing, other = rng.choice(_WORDS), rng.choice(_THINGS), rng.choice(_THINGS)
     shapes = [f"The {word} {thing}", f"{word} {thing}", f"The {thing} and {other}" if thing != other else f"The {thing}",
               f"{rng.choice(_PEOPLE)}'s {rng.choice(_VENUES)}", f"Casa {rng.choice(_PEOPLE)}",
-              f"the {word} {rng.choice(_PLACES)}", f"{word} {rng.choice(_PLACES)}", f"The {thing}"]
+              f"{word} {rng.choice(_PLACES)}", f"The {thing}"]
     return rng.choice(shapes)
 
 
@@ -64,7 +65,9 @@ def substitute(text: str, target: str, output_format: str, fields: set[str], rng
         values = {v for k, v in parsed.items() if k in fields and isinstance(v, str)} if isinstance(parsed, dict) else set()
     swaps: dict[str, str] = {}
     for value in sorted((v for v in values if v and v in text), key=len, reverse=True):
-        while (name := invented_name(rng)) in swaps.values() or name in text:
+        after_the = re.search(rf"\bthe {re.escape(value)}", text, re.IGNORECASE) is not None
+        while ((name := invented_name(rng)) in swaps.values() or name in text
+               or (after_the and name.startswith("The "))):  # no "the The Velvet Otter"
             pass
         swaps[value] = name
     if not swaps:

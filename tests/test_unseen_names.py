@@ -24,6 +24,15 @@ def test_the_committed_set_is_what_the_generator_makes_and_loads_as_a_test_split
     assert list(splits) == ["test"] and len(splits["test"]) == 250 and task.output_format == "slots"
 
 
+def test_its_labels_follow_e2es_article_convention_and_are_spelt_out_in_the_sentence():
+    """A capital "The" belongs to a name, a lowercase "the" before it to the sentence (E2E: "near the
+    Crowne Plaza Hotel" -> `near[Crowne Plaza Hotel]`; "near The Bakers" -> `near[The Bakers]`)."""
+    for row in pd.read_csv(UNSEEN / "test.csv").to_dict("records"):
+        for key, value in parse_mr(row["mr"]):
+            if key in ("name", "near"):
+                assert not value.startswith("the ") and value in row["sentence"], row
+
+
 def test_its_names_are_not_those_of_the_embedded_sample():
     assert not names(pd.read_csv(UNSEEN / "test.csv")["mr"]) & {n.lower() for n in sample_data.NAMES + sample_data.NEAR}
 
