@@ -11,6 +11,8 @@ by every row, batch and request that reaches it (`Constraint` holds that cache).
 - json: one flat object in the data's spelling (``{"key": "value", ...}``); targets with nested
   values get any JSON object instead (lm-format-enforcer's JSON parser, slower);
 - text: unconstrained.
+Open fields whose training values are copied from the input (`Schema.copied`: E2E's `name` and
+`near`) are held to text the row's prompt spells out (`_Copy`), so a name is never misspelt.
 Each field at most once, also where a training target repeats one (E2E: 4% of the cleaned training
 MRs, e.g. ``customer rating[5 out of 5], customer rating[average]``). If the targets disagree on the
 order of fields, any order is allowed and then a key may repeat.
@@ -31,6 +33,7 @@ import torch
 from databricks_llm.error_analysis import CLOSED_AT_MOST, E2E_VOCABULARY
 from databricks_llm.scoring import E2E_SLOTS, parse_json, parse_mr
 
+COPIED_AT_LEAST = 0.99  # share of an open field's training values found verbatim in their input
 _OPEN_SLOT_VALUE = r"[^\[\]\n]+"
 _OPEN_STRING = r'"([^"\\\n]|\\["\\/bfnrtu])*"'
 _SCALARS = {"number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", "boolean": "(true|false)", "null": "null"}
@@ -45,16 +48,19 @@ class Schema:
     kinds: tuple[tuple[str, str], ...] = ()  # json: field -> string|number|boolean|null|nested
     ordered: bool = True  # every target lists its fields in `fields` order
     may_be_empty: bool = False
+    copied: tuple[str, ...] = ()  # open fields whose values the inputs spell out verbatim
 
     def to_json(self) -> str:
         return json.dumps({"fields": self.fields, "closed": dict(self.closed), "kinds": dict(self.kinds),
-                           "ordered": self.ordered, "may_be_empty": self.may_be_empty}, ensure_ascii=False)
+                           "ordered": self.ordered, "may_be_empty": self.may_be_empty, "copied": self.copied},
+                          ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
         saved = json.loads(text)
         return cls(tuple(saved["fields"]), tuple((k, tuple(v)) for k, v in saved["closed"].items()),
-                   tuple(saved.get("kinds", {}).items()), saved["ordered"], saved.get("may_be_empty", False))
+                   tuple(saved.get("kinds", {}).items()), saved["ordered"], saved.get("may_be_empty", False),
+                   tuple(saved.get("copied", ())))
 
 
 def _kind(value: Any) -> str:
@@ -65,14 +71,22 @@ def _kind(value: Any) -> str:
     return {str: "string", type(None): "null"}.get(type(value), "nested")
 
 
-def schema_of(output_format: str, targets: list[str]) -> Schema | None:
-    """The schema the training targets follow, or None (text tasks, or no target parses)."""
+def schema_of(output_format: str, targets: list[str], inputs: list[str] | None = None) -> Schema | None:
+    """The schema the training targets follow, or None (text tasks, or no target parses). With the
+    targets' `inputs`, open string fields whose values the input spells out verbatim in at least
+    COPIED_AT_LEAST of their rows are `copied`."""
     if output_format == "slots":
-        records = [parse_mr(t) for t in targets]
+        parsed = [parse_mr(t) for t in targets]
     elif output_format == "json":
-        records = [list(obj.items()) for obj in map(parse_json, targets) if obj is not None]
+        parsed = [list(obj.items()) if (obj := parse_json(t)) is not None else None for t in targets]
     else:
         return None
+    spelt: dict[str, list[bool]] = {}
+    for record, text in zip(parsed, inputs or []):
+        for key, value in record or ():
+            if isinstance(value, str):
+                spelt.setdefault(key, []).append(value in text)
+    records = [r for r in parsed if r is not None]
     empty = not all(records)
     records = [r for r in records if r]
     if not records:
@@ -96,7 +110,9 @@ def schema_of(output_format: str, targets: list[str]) -> Schema | None:
                    if kinds[key] == {"string"} and len(counts) <= CLOSED_AT_MOST
                    and sum(counts.values()) >= 3 * len(counts))
     kind = tuple((key, next(iter(k)) if len(k) == 1 else "nested") for key, k in kinds.items())
-    return Schema(fields, closed, kind if output_format == "json" else (), ordered, empty)
+    copied = tuple(key for key in fields if key not in dict(closed) and kinds[key] == {"string"}
+                   and len(spelt.get(key, ())) >= 3 and sum(spelt[key]) >= COPIED_AT_LEAST * len(spelt[key]))
+    return Schema(fields, closed, kind if output_format == "json" else (), ordered, empty, copied)
 
 
 def pattern(output_format: str, schema: Schema) -> str | None:
@@ -185,20 +201,77 @@ class Constraint:
         self.tokenizer_data = _tokenizer_data(tokenizer)
         self.allowed_cache: dict = {}  # parser state -> allowed tokens, shared by every call
         self.masks: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.copy = _Copy(tokenizer, output_format, schema.copied) if schema and schema.copied else None
 
     def processor(self, prompt_width: int) -> Any:
         from lmformatenforcer import TokenEnforcer
 
         enforcer = TokenEnforcer(self.tokenizer_data, self.parser)
         enforcer.allowed_token_cache = self.allowed_cache
-        return _FormatProcessor(enforcer, prompt_width, self.tokenizer_data.eos_token_id, self.masks)
+        return _FormatProcessor(enforcer, prompt_width, self.tokenizer_data.eos_token_id, self.masks, self.copy)
+
+
+class _Copy:
+    """Copied fields: while a row writes one's value, only tokens that keep the value a piece of its
+    prompt's text, or that close the value, are allowed (the format's mask still applies too)."""
+
+    def __init__(self, tokenizer: Any, output_format: str, fields: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        names = "|".join(map(re.escape, fields))
+        if output_format == "slots":
+            self.inside, close = re.compile(rf"(?:^|, )(?:{names})\[([^\[\]]*)$"), "]"
+        else:
+            quoted = "|".join(re.escape(json.dumps(f, ensure_ascii=False)) for f in fields)
+            self.inside, close = re.compile(rf'(?:{quoted}): "([^"\\]*)$'), '"'
+        self.tokens: dict[str, list[int]] = {}  # text -> tokens that read so mid-sequence
+        self.closing: dict[str, list[int]] = {}  # text before the value's end -> tokens ending a value there
+        for token, text, _ in _tokenizer_data(tokenizer).regular_tokens:
+            table, key = (self.closing, text[:text.index(close)]) if close in text else (self.tokens, text)
+            table.setdefault(key, []).append(token)
+        self.longest = 24  # characters: longer tokens (runs of spaces, dashes) are no piece of a name
+
+    def allowed(self, source: str, written: list[int]) -> list[int] | None:
+        """Tokens that keep the copied value being written a piece of `source` (the prompt's
+        text); None when the row is not writing one."""
+        match = self.inside.search(self.tokenizer.decode(written, skip_special_tokens=True))
+        if match is None:
+            return None
+        value = match.group(1)
+        if not value:
+            return self._firsts(source)
+        allowed: set[int] = set()
+        for start in (m.end() for m in re.finditer(re.escape(value), source)):
+            rest = source[start:start + self.longest]
+            for end in range(len(rest) + 1):
+                allowed.update(self.tokens.get(rest[:end], ()))
+                allowed.update(self.closing.get(rest[:end], ()))
+        return list(allowed)
+
+    @functools.lru_cache(maxsize=256)
+    def _firsts(self, source: str) -> list[int]:
+        """Tokens that can start a copied value: the start of a word of `source` (kept per prompt:
+        each row starts several values)."""
+        allowed: set[int] = set()
+        for start, char in enumerate(source):
+            if not char.isspace() and (start == 0 or not source[start - 1].isalnum()):
+                rest = source[start:start + self.longest]
+                for end in range(1, len(rest) + 1):
+                    allowed.update(self.tokens.get(rest[:end], ()))
+        return list(allowed)
 
 
 class _FormatProcessor:
     """A `LogitsProcessor`: every unfinished row's next token comes from its allowed set."""
 
-    def __init__(self, enforcer: Any, prompt_width: int, eos: int, masks: dict) -> None:
-        self.enforcer, self.width, self.eos, self.masks = enforcer, prompt_width, eos, masks
+    def __init__(self, enforcer: Any, prompt_width: int, eos: int, masks: dict, copy: _Copy | None = None) -> None:
+        self.enforcer, self.width, self.eos, self.masks, self.copy = enforcer, prompt_width, eos, masks, copy
+        self.sources: dict[tuple[int, ...], str] = {}  # this batch's prompts as text, for `copy`
+
+    def _source(self, prompt: list[int]) -> str:
+        key = tuple(prompt)
+        if key not in self.sources:
+            self.sources[key] = self.copy.tokenizer.decode(prompt, skip_special_tokens=True)
+        return self.sources[key]
 
     def _mask(self, allowed: list[int], size: int) -> torch.Tensor:
         cached = self.masks.get(id(allowed))
@@ -210,8 +283,19 @@ class _FormatProcessor:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         blocked = torch.zeros_like(scores, dtype=torch.bool, device="cpu")
+        copying: dict[int, list[int]] = {}  # row -> the tokens its copied value may take
         for row, ids in enumerate(input_ids.tolist()):
             if self.eos in ids[self.width:]:
                 continue  # finished: generate pads it whatever the scores say
             blocked[row] = self._mask(self.enforcer.get_allowed_tokens(ids).allowed_tokens, scores.shape[1])
+            copied = self.copy.allowed(self._source(ids[:self.width]), ids[self.width:]) if self.copy else None
+            if copied:
+                copying[row] = copied
+        if copying:  # one mask for every copying row
+            rows = torch.tensor(list(copying))
+            held = torch.ones(len(rows), scores.shape[1], dtype=torch.bool)
+            held[torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(t) for t in copying.values()])),
+                 torch.tensor([t for tokens in copying.values() for t in tokens])] = False
+            held &= ~(held | blocked[rows]).all(-1, keepdim=True)  # never block every token of a row
+            blocked[rows] |= held
         return scores.masked_fill(blocked.to(scores.device), float("-inf"))

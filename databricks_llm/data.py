@@ -284,7 +284,7 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
     task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=output_format,
                                instruction=_instruction(task, columns, output_format, systems))
     if task.schema is None and "train" in splits:
-        schema = constraints.schema_of(output_format, splits["train"][OUTPUT])
+        schema = constraints.schema_of(output_format, splits["train"][OUTPUT], splits["train"][INPUT])
         task = dataclasses.replace(task, schema=schema.to_json() if schema else None)
     if "validation" not in splits and "train" in splits:
         try:

@@ -112,3 +112,53 @@ def test_structured_outputs_of_a_random_model_keep_the_format(wild_model, tiny_t
         keys = [k for k, _ in pairs]
         assert len(keys) == len(set(keys)) and keys == sorted(keys, key=E2E_SLOTS.index)
         assert all(value in vocabulary[key] for key, value in pairs if key in vocabulary)
+
+
+def test_open_fields_whose_values_the_inputs_spell_out_are_copied():
+    inputs = ["Aromi is near Avalon.", "Zizzi is by the river.", "Cotto is near Ranch."]
+    targets = ["name[Aromi], near[Avalon]", "name[Zizzi], area[riverside]", "name[Cotto], near[The Ranch]"]
+    schema = schema_of("slots", targets, inputs)
+    assert schema.copied == ("name",)  # near: 1 of 2 values is not in its input
+    assert Schema.from_json(schema.to_json()) == schema
+    assert schema_of("slots", targets).copied == ()  # no inputs, nothing known
+    assert Schema.from_json(schema.to_json().replace(', "copied": ["name"]', "")).copied == ()  # saved before
+
+
+def test_e2e_copies_name_and_near():
+    _, task = data.load("embedded:e2e-sample")
+    assert Schema.from_json(task.schema).copied == ("name", "near")
+
+
+def test_copied_values_of_a_random_model_are_pieces_of_their_prompt(wild_model, tiny_tokenizer):
+    import dataclasses
+
+    from databricks_llm.generation import generate
+
+    _, task = data.load("embedded:e2e-sample")
+    free = dataclasses.replace(task, schema=dataclasses.replace(Schema.from_json(task.schema), copied=()).to_json())
+    inputs = [row["sentence"] for row in data.sample_data.generate(10, seed=3)]
+    prompts = data.build_prompts(tiny_tokenizer, inputs, task)
+    held = generate(wild_model, tiny_tokenizer, inputs, task=task, max_tokens=60, structured=True)
+    unheld = generate(wild_model, tiny_tokenizer, inputs, task=free, max_tokens=60, structured=True)
+    def copied(outputs):  # name and near values, closed or not
+        return [(v, p) for text, p in zip(outputs, prompts) for v in re.findall(r"(?:name|near)\[([^\]]*)", text)]
+
+    assert copied(held) and all(value in prompt for value, prompt in copied(held))
+    assert not all(value in prompt for value, prompt in copied(unheld))  # the random model left alone misspells
+
+
+def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt(tiny_tokenizer):
+    import torch
+
+    from databricks_llm.task import Task
+
+    splits, task = data.load("embedded:e2e-sample", Task(output_format="json"))
+    assert Schema.from_json(task.schema).copied == ("name", "near")
+    prompt = data.encode_prompts(tiny_tokenizer, ["Near Avalon is The Punter, a pub."], task)[0]
+    written = tiny_tokenizer('{"name": "The P', add_special_tokens=False)["input_ids"]
+    processor = constraints.for_task(tiny_tokenizer, task).processor(len(prompt))
+    for step in range(len(written) + 1):  # as generate calls it: one token more each time
+        scores = processor(torch.tensor([prompt + written[:step]]), torch.zeros(1, len(tiny_tokenizer)))
+    allowed = [tiny_tokenizer.decode(written + [t])[len('{"name": '):] for t in torch.nonzero(scores[0] == 0).flatten()]
+    assert any(a.startswith('"The Pu') for a in allowed)  # the name goes on
+    assert all(a[1:].split('"')[0] in "Near Avalon is The Punter, a pub." for a in allowed), allowed
