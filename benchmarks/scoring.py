@@ -8,7 +8,8 @@ in full, free decoding, and the vocabulary projection fed a strided slice on the
 torch turns into a batched product over a copy of the weight per row; `generation._contiguous_head_input`
 has removed that since), and transformers' `generate` running every row of a batch until its longest
 ends (`generation._greedy` drops finished rows since). Variants with `STRIDED` or `HF_LOOP` set run with
-that old first step or loop, so that each lever is measured alone. Each variant generates for the
+that old first step or loop, and `uncopied` without holding copied fields to the input's text
+(`constraints._Copy`), so that each lever is measured alone. Each variant generates for the
 same rows in the same dtype; the script prints seconds, the speed ratio against the baseline, and
 how many outputs differ from the baseline's (greedy decoding: they should not; a few can where
 bf16 rounding differs between batch shapes, and those rows are printed). Variants run in turn,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import statistics
 import sys
@@ -32,6 +34,7 @@ E2E = REPO.parent / "shared" / "data" / "e2e_nlg" / "cleaned"
 
 STRIDED = "strided_head"  # not a generate() setting: run with the vocabulary projection's old strided input
 HF_LOOP = "hf_generate"  # not a generate() setting: greedy decoding by transformers' generate, as before
+UNCOPIED = "uncopied"  # not a generate() setting: the task's copied fields left free (structured decoding before they were)
 VARIANTS = {  # name -> generate() settings
     "baseline": {"batch_size": 32, "reuse_prefix": False, "structured": False, STRIDED: True, HF_LOOP: True},
     "prefix": {"batch_size": 32, "structured": False, STRIDED: True, HF_LOOP: True},
@@ -42,6 +45,7 @@ VARIANTS = {  # name -> generate() settings
     "contiguous128": {"batch_size": 128, "structured": False, HF_LOOP: True},
     "dropping128": {"batch_size": 128, "structured": False},  # finished rows leave the batch
     "generate128": {"batch_size": 128, "structured": True, HF_LOOP: True},  # evaluate before rows left the batch
+    "uncopied": {"batch_size": 128, "structured": True, UNCOPIED: True},  # today before values were copied
     "today": {"batch_size": 128, "structured": True},  # what quality.py's scoring runs now
 }
 
@@ -63,13 +67,15 @@ def main() -> int:
         print(f"error: unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
 
-    from databricks_llm import data, generation, models
+    from databricks_llm import constraints, data, generation, models
     from databricks_llm.evaluate import load_scorable, task_of
     from databricks_llm.generation import generate
     from databricks_llm.scoring import score
 
     task = task_of(args.model)
     splits, task = data.load(args.dataset, task, columns_hint=True, need_train=False)
+    schema = constraints.task_schema(task)
+    uncopied = dataclasses.replace(task, schema=dataclasses.replace(schema, copied=()).to_json()) if schema else task
     rows = data.head(splits["test"], args.rows)
     inputs, references = rows[data.INPUT], rows[data.OUTPUT]
     model, tokenizer = load_scorable(args.model)
@@ -83,10 +89,11 @@ def main() -> int:
             head = contextlib.nullcontext if settings.pop(STRIDED, False) else generation._contiguous_head_input
             loop = (functools.partial(generation._transformers_generate, do_sample=False)
                     if settings.pop(HF_LOOP, False) else generation._greedy)
+            held = uncopied if settings.pop(UNCOPIED, False) else task
             start = time.perf_counter()
             with (mock.patch.object(generation, "_contiguous_head_input", head),
                   mock.patch.object(generation, "_greedy", loop)):
-                outputs[name] = generate(model, tokenizer, inputs, task=task, max_tokens=args.max_tokens, **settings)
+                outputs[name] = generate(model, tokenizer, inputs, task=held, max_tokens=args.max_tokens, **settings)
             seconds[name].append(time.perf_counter() - start)
             print(f"[scoring] {name}: {seconds[name][-1]:.1f}s", flush=True)
     base = statistics.median(seconds["baseline"])

@@ -61,7 +61,7 @@ def _example(rng: random.Random) -> tuple[str, str]:
     }
     for key in rng.sample(list(choices), rng.randint(1, 4)):
         slots[key] = rng.choice(choices[key])
-    mr = ", ".join(f"{k}[{_label(slots[k])}]" for k in ["name", "eatType", *choices] if k in slots)
+    mr = ", ".join(f"{k}[{slots[k]}]" for k in ["name", "eatType", *choices] if k in slots)
 
     words = [slots["name"], "is a"]
     if "food" in slots:
