@@ -213,7 +213,8 @@ class Constraint:
 
 class _Copy:
     """Copied fields: while a row writes one's value, only tokens that keep the value a piece of its
-    prompt's text, or that close the value, are allowed (the format's mask still applies too)."""
+    prompt's text that starts a word, or that close the value where a word of that text ends, are
+    allowed (the format's mask still applies too)."""
 
     def __init__(self, tokenizer: Any, output_format: str, fields: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
@@ -244,7 +245,8 @@ class _Copy:
             rest = source[start:start + self.longest]
             for end in range(len(rest) + 1):
                 allowed.update(self.tokens.get(rest[:end], ()))
-                allowed.update(self.closing.get(rest[:end], ()))
+                if start + end == len(source) or not source[start + end].isalnum():  # values end with a word
+                    allowed.update(self.closing.get(rest[:end], ()))
         return list(allowed)
 
     @functools.lru_cache(maxsize=256)

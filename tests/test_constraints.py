@@ -147,18 +147,25 @@ def test_copied_values_of_a_random_model_are_pieces_of_their_prompt(wild_model, 
     assert not all(value in prompt for value, prompt in copied(unheld))  # the random model left alone misspells
 
 
-def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt(tiny_tokenizer):
+def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt_and_end_where_a_word_does(tiny_tokenizer):
     import torch
 
     from databricks_llm.task import Task
 
     splits, task = data.load("embedded:e2e-sample", Task(output_format="json"))
     assert Schema.from_json(task.schema).copied == ("name", "near")
-    prompt = data.encode_prompts(tiny_tokenizer, ["Near Avalon is The Punter, a pub."], task)[0]
-    written = tiny_tokenizer('{"name": "The P', add_special_tokens=False)["input_ids"]
-    processor = constraints.for_task(tiny_tokenizer, task).processor(len(prompt))
-    for step in range(len(written) + 1):  # as generate calls it: one token more each time
-        scores = processor(torch.tensor([prompt + written[:step]]), torch.zeros(1, len(tiny_tokenizer)))
-    allowed = [tiny_tokenizer.decode(written + [t])[len('{"name": '):] for t in torch.nonzero(scores[0] == 0).flatten()]
+    sentence = "Near Avalon is The Punter, a pub."
+    prompt = data.encode_prompts(tiny_tokenizer, [sentence], task)[0]
+
+    def next_texts(text: str) -> list[str]:  # the value so far and each allowed next token, as they read
+        written = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        processor = constraints.for_task(tiny_tokenizer, task).processor(len(prompt))
+        for step in range(len(written) + 1):  # as generate calls it: one token more each time
+            scores = processor(torch.tensor([prompt + written[:step]]), torch.zeros(1, len(tiny_tokenizer)))
+        return [tiny_tokenizer.decode(written + [t])[len('{"name": '):] for t in torch.nonzero(scores[0] == 0).flatten()]
+
+    allowed = next_texts('{"name": "The P')
     assert any(a.startswith('"The Pu') for a in allowed)  # the name goes on
-    assert all(a[1:].split('"')[0] in "Near Avalon is The Punter, a pub." for a in allowed), allowed
+    assert all(a[1:].split('"')[0] in sentence for a in allowed), allowed
+    assert not any(a.startswith('"The P"') for a in allowed)  # not cut inside a word
+    assert any(a.startswith('"The Punter"') for a in next_texts('{"name": "The Punter'))
