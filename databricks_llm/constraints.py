@@ -241,25 +241,33 @@ class _Copy:
         if not value:
             return self._firsts(source)
         allowed: set[int] = set()
-        for start in (m.end() for m in re.finditer(re.escape(value), source)):
-            rest = source[start:start + self.longest]
-            for end in range(len(rest) + 1):
-                allowed.update(self.tokens.get(rest[:end], ()))
-                if start + end == len(source) or not source[start + end].isalnum():  # values end with a word
-                    allowed.update(self.closing.get(rest[:end], ()))
+        for match in re.finditer(re.escape(value), source):
+            if _word_starts(source, match.start()):
+                self._continue(source, match.end(), True, allowed)
         return list(allowed)
 
     @functools.lru_cache(maxsize=256)
     def _firsts(self, source: str) -> list[int]:
-        """Tokens that can start a copied value: the start of a word of `source` (kept per prompt:
+        """Tokens that can start a copied value: at the start of a word of `source` (kept per prompt:
         each row starts several values)."""
         allowed: set[int] = set()
         for start, char in enumerate(source):
-            if not char.isspace() and (start == 0 or not source[start - 1].isalnum()):
-                rest = source[start:start + self.longest]
-                for end in range(1, len(rest) + 1):
-                    allowed.update(self.tokens.get(rest[:end], ()))
+            if not char.isspace() and _word_starts(source, start):
+                self._continue(source, start, False, allowed)
         return list(allowed)
+
+    def _continue(self, source: str, start: int, has_text: bool, allowed: set[int]) -> None:
+        """Add the tokens that read as `source` from `start` on, and those that end the value where a
+        word of `source` ends (not before the value has text)."""
+        rest = source[start:start + self.longest]
+        for end in range(len(rest) + 1):
+            allowed.update(self.tokens.get(rest[:end], ()))
+            if (has_text or end) and (start + end == len(source) or not source[start + end].isalnum()):
+                allowed.update(self.closing.get(rest[:end], ()))
+
+
+def _word_starts(text: str, i: int) -> bool:
+    return i == 0 or not text[i - 1].isalnum()
 
 
 class _FormatProcessor:
