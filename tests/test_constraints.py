@@ -140,6 +140,7 @@ def test_copied_values_of_a_random_model_are_pieces_of_their_prompt(wild_model, 
     prompts = data.build_prompts(tiny_tokenizer, inputs, task)
     held = generate(wild_model, tiny_tokenizer, inputs, task=task, max_tokens=60, structured=True)
     unheld = generate(wild_model, tiny_tokenizer, inputs, task=free, max_tokens=60, structured=True)
+
     def copied(outputs):  # name and near values, closed or not
         return [(v, p) for text, p in zip(outputs, prompts) for v in re.findall(r"(?:name|near)\[([^\]]*)", text)]
 
@@ -152,7 +153,7 @@ def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt_and_end_w
 
     from databricks_llm.task import Task
 
-    splits, task = data.load("embedded:e2e-sample", Task(output_format="json"))
+    _, task = data.load("embedded:e2e-sample", Task(output_format="json"))
     assert Schema.from_json(task.schema).copied == ("name", "near")
     sentence = "Near Avalon is The Punter, a pub."
     prompt = data.encode_prompts(tiny_tokenizer, [sentence], task)[0]
