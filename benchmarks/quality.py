@@ -4,6 +4,7 @@
     python benchmarks/quality.py --max_steps=20 --test_samples=50 --quick   # CI-sized smoke run
     python benchmarks/quality.py --output_format=json --quick    # the same task with JSON objects as targets
     python benchmarks/quality.py --max_steps=1300 --save_minutes=5,10,20 --quick   # F1 per CPU-minute curve
+    python benchmarks/quality.py --quick --fine_tune_args="--lora_r=16 --lora_alpha=32"  # any other fine_tune flag
 
 With `--save_minutes` the job also saves a checkpoint after each of those minutes of training;
 every one of them and the final model are scored on the same test rows, printed as a curve
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -49,6 +51,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip the zero-shot base-model run")
     parser.add_argument("--save_minutes", default=None, help="also checkpoint after these minutes of training, e.g. 5,10,20")
     parser.add_argument("--augment_names", type=float, default=0.0, help="fine_tune --augment_names (invented names in this fraction of rows)")
+    parser.add_argument("--fine_tune_args", default="", help="more fine_tune flags, e.g. '--lora_r=16 --lora_alpha=32 --seed=7'")
     parser.add_argument("--stage", default="all", choices=["all", "train", "score"])
     parser.add_argument("--reuse", action="store_true", help="score stage: keep a model's scores already in --work_dir")
     args = parser.parse_args()
@@ -121,6 +124,7 @@ def train(args: argparse.Namespace, job: Path) -> None:
     start = time.time()
     extra = [f"--save_minutes={args.save_minutes}"] if args.save_minutes else []
     extra += [f"--augment_names={args.augment_names}"] if args.augment_names else []
+    extra += shlex.split(args.fine_tune_args)  # last, so they override the recipe's flags above
     run("databricks_llm.fine_tune", f"--dataset={args.dataset}", f"--output_dir={job}",
         f"--max_steps={args.max_steps}", f"--per_device_train_batch_size={args.batch_size}",
         f"--learning_rate={args.learning_rate}", "--lr_scheduler_type=cosine", "--warmup_steps=20",

@@ -45,6 +45,7 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (default 0: its mask on every adapted input cost about a tenth of a CPU step)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
+    attn_implementation: str = field(default="auto", metadata={"choices": ["auto", "eager", "sdpa"], "help": "Attention for training: auto is eager for --bf16/--fp16 on a CPU (faster there), else transformers' default, sdpa."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
 

@@ -84,8 +84,9 @@ class FineTuneJob:
 
         settings, training = self.config.model, self.training
         frozen_dtype = models.half_dtype(training.bf16, training.fp16) if settings.use_lora else None
+        attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16)
         model = models.load_model(settings.model, use_4bit=settings.use_4bit, dtype=frozen_dtype,
-                                  trust_remote_code=settings.trust_remote_code)
+                                  trust_remote_code=settings.trust_remote_code, attn_implementation=attention)
         if settings.use_lora:
             model = models.add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                                     target_modules=settings.lora_target_modules,

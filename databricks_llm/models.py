@@ -264,10 +264,21 @@ def half_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
 
 
+def training_attention(requested: str, half: bool) -> str | None:
+    """The attention implementation to train with. `auto` is eager for 16-bit training on a CPU,
+    where SDPA's bf16 backward made a LoRA step 1.18x slower (docs/benchmarks.md), and otherwise
+    None: transformers' default (SDPA)."""
+    if requested != "auto":
+        return requested
+    return "eager" if half and not torch.cuda.is_available() else None
+
+
 def load_model(name: str, *, use_4bit: bool = False, dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False) -> Any:
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> Any:
     """The base causal LM; a 16-bit `dtype` for frozen LoRA bases halves their memory (default float32)."""
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if use_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

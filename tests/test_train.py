@@ -83,3 +83,18 @@ def test_time_budget_run_saves_a_checkpoint_at_the_mark(tiny_model, tmp_path):
                         "--max_steps=3", "--eval_strategy=no", "--save_steps=100", "--save_minutes=0.00001")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_sixteen_bit_training_on_a_cpu_uses_eager_attention_unless_asked_otherwise():
+    """SDPA's bf16 backward is the slow part of a CPU step (docs/benchmarks.md); elsewhere transformers chooses."""
+    from databricks_llm.models import training_attention
+
+    assert training_attention("auto", half=True) == ("eager" if not torch.cuda.is_available() else None)
+    assert training_attention("auto", half=False) is None
+    assert training_attention("sdpa", half=True) == "sdpa"
+
+
+def test_the_model_is_loaded_with_the_attention_asked_for(tiny_model):
+    from databricks_llm.models import load_model
+
+    assert load_model(str(tiny_model), attn_implementation="eager").config._attn_implementation == "eager"
