@@ -21,7 +21,8 @@ min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md 
                          pass a fine-tuned --generation_model: a base model answers in long prose.
 6. lever_<name>          (--measures=levers) one change to the training step against today's default,
                          the same rows, alternated: fused AdamW, torch.compile, bf16 autocast (bf16
-                         frozen weights, as fine_tune --bf16 loads them), micro-batches of 16 and 32,
+                         frozen weights, as fine_tune --bf16 loads them) with SDPA and with eager
+                         attention (fine_tune's choice for bf16 on a CPU), micro-batches of 16 and 32,
                          and packing (each batch's rows end to end in one row, attention kept within
                          rows by transformers' packed-sequence mask). Useful tokens/s and MFU, each
                          against the matmul peak of its own dtype.
@@ -176,14 +177,15 @@ def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
             "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
-LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, packed, or ours without a KV cache)
-    "fused_adamw": ({"optim": "adamw_torch_fused"}, "ours"),
-    "torch_compile": ({"torch_compile": True}, "ours"),
-    "bf16_autocast": ({"bf16": True}, "ours"),
-    "batch_16": ({"per_device_train_batch_size": 16}, "ours"),
-    "batch_32": ({"per_device_train_batch_size": 32}, "ours"),
-    "packing": ({}, "packed"),
-    "no_kv_cache": ({}, "no_cache"),
+LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, packed, or ours without a KV cache, attention)
+    "fused_adamw": ({"optim": "adamw_torch_fused"}, "ours", "sdpa"),
+    "torch_compile": ({"torch_compile": True}, "ours", "sdpa"),
+    "bf16_autocast": ({"bf16": True}, "ours", "sdpa"),
+    "bf16_eager_attention": ({"bf16": True}, "ours", "eager"),  # what fine_tune --bf16 trains with on a CPU
+    "batch_16": ({"per_device_train_batch_size": 16}, "ours", "sdpa"),
+    "batch_32": ({"per_device_train_batch_size": 32}, "ours", "sdpa"),
+    "packing": ({}, "packed", "sdpa"),
+    "no_kv_cache": ({}, "no_cache", "sdpa"),
 }
 
 
@@ -199,11 +201,13 @@ def measure_levers(model, tokenizer, train, args) -> None:
     half = benchmark_model(args.model, torch.bfloat16, lora, args.lora_dropout)
     ours = collator(model, tokenizer)
     batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False}}
-    levers = {"default": ({}, "ours"), **LEVERS}
+    levers = {"default": ({}, "ours", "sdpa"), **{name: LEVERS[name] for name in args.levers.split(",")}}
 
     def run(name: str) -> float:
-        overrides, kind = levers[name]
-        return train_seconds(half if "bf16" in overrides else model, rows, batches[kind], args, **overrides)
+        overrides, kind, attention = levers[name]
+        trained = half if "bf16" in overrides else model
+        (trained.get_base_model() if lora else trained).set_attn_implementation(attention)
+        return train_seconds(trained, rows, batches[kind], args, **overrides)
 
     for name in levers:  # warm-up, untimed
         run(name)
@@ -358,8 +362,11 @@ def main() -> int:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--measures", default="tokens,tracking,generation",
                         help="comma list of tokens (1 and 4), tracking (2 and 3), generation (5), levers (6), profile")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma list for measure 6, of {', '.join(LEVERS)}")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, not the speed")
     args = parser.parse_args()
+    if unknown := sorted(set(args.levers.split(",")) - set(LEVERS)):
+        parser.error(f"unknown lever {', '.join(unknown)} (see --help)")
     if args.quick:
         args.steps, args.tracking_steps, args.save_steps, args.repeats, args.tracking_batch_size = 2, 2, 2, 1, 1
         args.batch_size, args.generation_rows, args.max_tokens = 2, 4, 8

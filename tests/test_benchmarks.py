@@ -28,9 +28,22 @@ def test_speed_benchmark_measures_each_training_lever_against_the_default():
                         launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert SUMMARY.findall(result.stdout) == ["lever_default", "lever_fused_adamw", "lever_torch_compile",
-                                              "lever_bf16_autocast", "lever_batch_16", "lever_batch_32",
-                                              "lever_packing", "lever_no_kv_cache"]
-    assert result.stdout.count("  MFU ") == 8
+                                              "lever_bf16_autocast", "lever_bf16_eager_attention", "lever_batch_16",
+                                              "lever_batch_32", "lever_packing", "lever_no_kv_cache"]
+    assert result.stdout.count("  MFU ") == 9
+
+
+def test_speed_benchmark_measures_only_the_levers_asked_for():
+    result = run_module(str(REPO / "benchmarks" / "speed.py"), "--quick", "--dataset=embedded:e2e-sample", "--measures=levers",
+                        "--levers=bf16_eager_attention", launcher=[sys.executable], cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert SUMMARY.findall(result.stdout) == ["lever_default", "lever_bf16_eager_attention"]
+
+
+def test_speed_benchmark_refuses_an_unknown_lever_before_loading_anything():
+    result = run_module(str(REPO / "benchmarks" / "speed.py"), "--levers=warp_drive", launcher=[sys.executable], cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("unknown lever warp_drive (see --help)")
 
 
 def test_packed_rows_give_the_loss_of_the_padded_batch(tiny_model):
