@@ -266,7 +266,7 @@ def half_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
 
 def training_attention(requested: str, half: bool) -> str | None:
     """The attention implementation to train with. `auto` is eager for 16-bit training on a CPU,
-    where SDPA's bf16 backward made a LoRA step 1.18x slower (docs/benchmarks.md), and otherwise
+    where SDPA's bf16 backward made a LoRA step 1.16x slower (docs/benchmarks.md), and otherwise
     None: transformers' default (SDPA)."""
     if requested != "auto":
         return requested
