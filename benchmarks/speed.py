@@ -77,7 +77,9 @@ def training_setup(args, rows: int, shuffle: bool = False, lora: bool = True, lo
 
 
 def benchmark_model(source: str, dtype: torch.dtype | None, lora: bool, lora_dropout: float):
-    """The model as fine_tune loads it: frozen weights in `dtype`, LoRA-wrapped (`LORA`) unless not `lora`."""
+    """The model as fine_tune loads it: frozen weights in `dtype`, LoRA-wrapped (`LORA`) unless not `lora`;
+    attention is transformers' default (SDPA) throughout, as when the figures in docs/benchmarks.md were
+    measured (fine_tune --bf16 on a CPU trains with eager attention: measure 6's bf16_eager_attention)."""
     from databricks_llm import models
 
     model = models.load_model(source, dtype=dtype)

@@ -87,6 +87,7 @@ class FineTuneJob:
         attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16)
         model = models.load_model(settings.model, use_4bit=settings.use_4bit, dtype=frozen_dtype,
                                   trust_remote_code=settings.trust_remote_code, attn_implementation=attention)
+        print(f"[model] attention: {model.config._attn_implementation}", flush=True)
         if settings.use_lora:
             model = models.add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                                     target_modules=settings.lora_target_modules,

@@ -98,3 +98,12 @@ def test_the_model_is_loaded_with_the_attention_asked_for(tiny_model):
     from databricks_llm.models import load_model
 
     assert load_model(str(tiny_model), attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def test_a_bf16_job_on_a_cpu_says_it_trains_with_eager_attention(tiny_model, tmp_path):
+    if torch.cuda.is_available():
+        return  # on a GPU transformers' default stays (the rule itself is tested above)
+    result = run_module("databricks_llm.fine_tune", f"--model={tiny_model}", f"--output_dir={tmp_path}", *QUICK_JOB,
+                        "--bf16=true", "--max_steps=1", "--eval_strategy=no", "--save_steps=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[model] attention: eager" in result.stdout
