@@ -10,6 +10,8 @@ notebook), and `TrackingSettings` holds the environment, read once. `parse` retu
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,14 +202,36 @@ def _check_model(config: JobConfig) -> None:
 
 
 def resume_checkpoint(value: str, output_dir: str) -> str:
-    """`true` means the newest checkpoint in --output_dir; a path must be a complete checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """`true` means the newest complete checkpoint in --output_dir (a job killed while saving leaves a
+    newer, incomplete folder behind: it is skipped, and the resumed job writes it again); a path must
+    be a complete checkpoint."""
     if value.lower() == "true":
-        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if found is None:
-            raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no checkpoint")
-        value = found
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no trainer_state.json)")
+        folders = checkpoint_folders(output_dir)
+        complete = [folder for folder in folders if is_complete(folder)]
+        if not complete:
+            raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no complete checkpoint")
+        value = str(complete[-1])
+        skipped = folders[folders.index(complete[-1]) + 1:]
+        if skipped:
+            print(f"[resume] skipping incomplete {', '.join(f.name for f in skipped)} (no readable trainer_state.json)",
+                  flush=True)
+    if not is_complete(Path(value)):
+        raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no readable trainer_state.json)")
     return value
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a readable one marks a finished checkpoint."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoint_folders(output_dir: str) -> list[Path]:
+    """The `checkpoint-<step>` folders the Trainer wrote in `output_dir`, oldest step first."""
+    folder = Path(output_dir)
+    found = [child for child in folder.iterdir() if child.is_dir() and re.fullmatch(r"checkpoint-\d+", child.name)] \
+        if folder.is_dir() else []
+    return sorted(found, key=lambda child: int(child.name.split("-")[1]))

@@ -78,6 +78,22 @@ def test_incomplete_checkpoint_is_refused_by_name(capsys, no_loading, tmp_path):
     assert "checkpoint-5 is not a complete checkpoint" in err
 
 
+def test_resume_true_takes_the_newest_complete_checkpoint_and_names_the_skipped_one(capsys, tmp_path):
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-15").mkdir()  # a job killed while saving leaves this behind
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"global_step"')
+    assert config.resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert "[resume] skipping incomplete checkpoint-15" in capsys.readouterr().out
+
+
+def test_resume_true_without_a_complete_checkpoint_is_refused(capsys, no_loading, tmp_path):
+    (tmp_path / "checkpoint-5").mkdir()
+    err = refused(capsys, [f"--output_dir={tmp_path}", "--resume_from_checkpoint=true"])
+    assert f"--resume_from_checkpoint=true but {tmp_path} holds no complete checkpoint" in err
+
+
 def test_launcher_extras_and_aliases_are_understood():
     argv = ["--local_rank=1", "--evaluation_strategy=no", "--deepspeed", "--deepspeed_config", "ds.json", "--local_rank", "0"]
     assert config.normalise_argv(argv) == ["--eval_strategy=no", "--deepspeed_config", "ds.json"]

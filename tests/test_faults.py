@@ -44,16 +44,30 @@ def test_killed_job_resumes_into_the_same_run_without_missing_or_repeated_steps(
     mlflow.set_tracking_uri(store)
     run_id = (tmp_path / "mlflow_run_id").read_text()
     assert mlflow.get_run(run_id).info.status == "RUNNING"
+    half_written = leave_a_half_written_checkpoint(tmp_path)
 
     resumed = start_job(tiny_model, tmp_path, "--resume_from_checkpoint=true")
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
+    assert f"[resume] skipping incomplete {half_written}" in output
     run = mlflow.get_run(run_id)
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(1, 41))
     assert run.info.status == "FINISHED"
     assert len(mlflow.search_runs([run.info.experiment_id], output_format="list")) == 1
     assert (tmp_path / "final_model" / "adapter_model.safetensors").exists()
+
+
+def leave_a_half_written_checkpoint(out) -> str:
+    """What a kill during a save leaves (whether or not this kill hit one): the next checkpoint
+    folder with its weights written and no trainer_state.json yet."""
+    newest = max((p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+                 key=lambda p: int(p.name.split("-")[1]))
+    half = out / f"checkpoint-{int(newest.name.split('-')[1]) + 5}"
+    half.mkdir(exist_ok=True)
+    (half / "trainer_state.json").unlink(missing_ok=True)
+    (half / "adapter_model.safetensors").write_bytes((newest / "adapter_model.safetensors").read_bytes()[:100])
+    return half.name
 
 
 def wait_for_checkpoint(job: subprocess.Popen, folder, step: int = 5) -> None:
