@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import mlflow
@@ -86,13 +86,30 @@ def score_model(uri: str, task: Task, inputs: list[str], references: list[str], 
     model = model.to(models.inference_dtype(dtype))
     start = time.time()
     predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size,
-                           structured=structured)
+                           structured=structured, progress=progress_printer(uri, len(inputs)))
     result = scores_and_errors(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
     print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)
     print("\n".join(summary_lines(result)), flush=True)
     return result
+
+
+def progress_printer(label: str, total: int, every: float = 30.0) -> Callable[[int], None]:
+    """Prints rows done, seconds taken and an estimate of those left, at most once per `every`
+    seconds and at the end: scoring a whole test split takes minutes."""
+    start = last = time.time()
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.time()
+        if done < total and now - last < every:
+            return
+        last, taken = now, now - start
+        left = f", ~{taken * (total - done) / done:.0f}s left" if done < total else ""
+        print(f"[evaluate] {label}: {done}/{total} rows, {taken:.0f}s{left}", flush=True)
+
+    return report
 
 
 def candidates(run_id: str) -> list[tuple[str, int, str]]:

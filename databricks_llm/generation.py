@@ -6,7 +6,7 @@ import contextlib
 import copy
 import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import LogitsProcessorList
@@ -34,7 +34,8 @@ def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> t
 
 def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E, max_tokens: int = 128,
              temperature: float = 0.0, batch_size: int = 16, synced_gpus: bool = False,
-             reuse_prefix: bool = True, structured: bool = STRUCTURED_DEFAULT) -> list[str]:
+             reuse_prefix: bool = True, structured: bool = STRUCTURED_DEFAULT,
+             progress: Callable[[int], None] | None = None) -> list[str]:
     """Complete the task's prompts for `inputs` in batches; greedy when temperature is 0.
 
     Prompts are batched in length order (less padding), and the outputs returned in input
@@ -50,6 +51,7 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
     sampling runs transformers' `generate`.
     `synced_gpus` keeps ZeRO-3 ranks stepping together while they generate (`generate` again, and no
     prefix reuse: a forward outside `generate` would not be synchronised).
+    `progress` is called with the number of rows done after each batch.
     """
     prompts = encode_prompts(tokenizer, [s[:MAX_INPUT_CHARS] for s in inputs], task)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -81,6 +83,8 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
                                                  processor, synced_gpus=synced_gpus, **sampling)
             for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 outputs[i] = text.strip()
+            if progress:
+                progress(start + len(rows))
     return outputs
 
 

@@ -55,6 +55,7 @@ def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tm
     assert set(errors["errors"]) == set(ERROR_TYPES) and "errors_missing" in evaluation.data.metrics
     assert errors["most_common_faults"] == scores["most_common_faults"]  # [fault, count] pairs, as in the JSON
     assert "errors in" in result.stdout
+    assert f"[evaluate] runs:/{job.run_id}/checkpoint-4: 4/4 rows" in result.stdout  # progress, last line
 
 
 def test_compare_mode_scores_base_and_checkpoints_and_registers_the_best(job, tmp_path):
@@ -86,6 +87,16 @@ def test_early_stopping_watches_the_tasks_f1_by_default_and_stops_before_max_ste
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.params["metric_for_best_model"] == "eval_f1"
     assert state["best_metric"] is not None
+
+
+def test_progress_is_printed_at_most_once_per_interval_and_always_at_the_end(capsys):
+    report = evaluate_cli.progress_printer("m", total=300, every=3600)
+    for done in (128, 256, 300):
+        report(done)
+    assert capsys.readouterr().out.splitlines() == ["[evaluate] m: 300/300 rows, 0s"]
+    report = evaluate_cli.progress_printer("m", total=300, every=0)
+    report(100)
+    assert capsys.readouterr().out.startswith("[evaluate] m: 100/300 rows, 0s, ~0s left")
 
 
 def test_the_table_prints_long_model_names_whole_and_keeps_the_columns_aligned(capsys):
