@@ -5,7 +5,9 @@
 
 Same model (loaded the same way, bf16 frozen base), same LoRA (r 8, alpha 16, dropout 0, every
 linear layer), same rows in the same seeded order, batch size, steps, learning rate, dtype and CPU
-threads; gradient checkpointing off for both (TRL's default is on: it saves memory, not time).
+threads and attention (`--attn_implementation`: transformers' default SDPA, or eager, which
+fine_tune picks for bf16 on a CPU); gradient checkpointing off for both (TRL's default is on: it
+saves memory, not time).
 TRL gets the data as its docs recommend for prompt-completion tasks: conversational `prompt`
 (system instruction + user input) and `completion` (assistant target) rows, which apply the chat
 template and train on the completion only (`completion_only_loss`). Its `padding_free=True` and
@@ -40,7 +42,8 @@ def trl_seconds(model_source: str, rows, task, tokenizer, args) -> float:
     conversational = Dataset.from_list([
         {"prompt": [{"role": "system", "content": task.instruction}, {"role": "user", "content": r["input"]}],
          "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
-    model = models.load_model(model_source, dtype=torch.bfloat16 if args.bf16 else None)
+    model = models.load_model(model_source, dtype=torch.bfloat16 if args.bf16 else None,
+                              attn_implementation=args.attn_implementation)
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
                            learning_rate=2e-4, report_to="none", save_strategy="no", logging_steps=10_000,
@@ -60,6 +63,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"], help="for both trainers")
     parser.add_argument("--padding_free", action="store_true", help="also ask TRL for padding-free batches")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, not the speed")
     args = parser.parse_args()
@@ -68,9 +72,11 @@ def main() -> int:
     from databricks_llm import data
 
     print(f"[trl] model {args.model}, data {args.dataset}, batch {args.batch_size}, {args.steps} steps, "
-          f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads", flush=True)
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.attn_implementation} attention, {torch.get_num_threads()} threads",
+          flush=True)
     setup = training_setup(args, args.steps * args.batch_size, shuffle=True)
     tokenizer, task, rows, ours_rows, model = setup.tokenizer, setup.task, setup.raw, setup.tokenized, setup.model
+    model.get_base_model().set_attn_implementation(args.attn_implementation)
     useful = sum(sum(1 for label in r["labels"] if label != -100) for r in ours_rows)
     collate = data.collator(model, tokenizer)
     train_seconds(model, ours_rows.select(range(args.batch_size)), collate, args)  # warm-up, untimed

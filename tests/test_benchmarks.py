@@ -97,8 +97,10 @@ def test_gpu_script_stops_at_once_without_cuda_with_one_error_line(tmp_path):
 
 def test_trl_peer_benchmark_quick_mode_prints_both_ratios(tiny_model):
     result = run_module(str(REPO / "benchmarks" / "trl_peer.py"), "--quick", f"--model={tiny_model}",
-                        "--dataset=embedded:e2e-sample", launcher=[sys.executable], cwd=REPO, timeout=900)
+                        "--dataset=embedded:e2e-sample", "--attn_implementation=eager", launcher=[sys.executable],
+                        cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "eager attention" in result.stdout
     assert SUMMARY.findall(result.stdout) == ["useful_tokens_per_s", "seconds_per_step"]
 
 
