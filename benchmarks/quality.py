@@ -64,7 +64,9 @@ def main() -> int:
         train(args, job)
     if args.stage == "train":
         return 0
-    timed = sorted(job.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))  # the last one is the final
+    from databricks_llm.config import checkpoint_folders
+
+    timed = checkpoint_folders(str(job))  # the last one is the final
     timed = timed[:len(args.save_minutes.split(","))] if args.save_minutes else []  # step's: the final model scores it
     scores = {}
     models = ([(p.name, str(p)) for p in timed] + [("fine-tuned", str(job / "final_model"))]

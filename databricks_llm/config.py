@@ -231,7 +231,6 @@ def is_complete(checkpoint: Path) -> bool:
 
 def checkpoint_folders(output_dir: str) -> list[Path]:
     """The `checkpoint-<step>` folders the Trainer wrote in `output_dir`, oldest step first."""
-    folder = Path(output_dir)
-    found = [child for child in folder.iterdir() if child.is_dir() and re.fullmatch(r"checkpoint-\d+", child.name)] \
-        if folder.is_dir() else []
+    found = [child for child in Path(output_dir).glob("checkpoint-*")
+             if child.is_dir() and re.fullmatch(r"checkpoint-\d+", child.name)]
     return sorted(found, key=lambda child: int(child.name.split("-")[1]))
