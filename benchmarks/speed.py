@@ -23,6 +23,7 @@ min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md 
                          the same rows, alternated: fused AdamW, torch.compile, bf16 autocast (bf16
                          frozen weights, as fine_tune --bf16 loads them) with SDPA and with eager
                          attention (fine_tune's choice for bf16 on a CPU), micro-batches of 16 and 32,
+                         the prompt start shared by every row run once per batch (bf16, eager, 8/16/32),
                          and packing (each batch's rows end to end in one row, attention kept within
                          rows by transformers' packed-sequence mask). Useful tokens/s and MFU, each
                          against the matmul peak of its own dtype.
@@ -100,11 +101,26 @@ def seed_style(row: dict, pad: int) -> dict:
 def trainer(model, rows, collator, args, out: str, **overrides):
     from transformers import Trainer, TrainingArguments
 
+    from databricks_llm.generation import cache_argument, prefix_cache
+
+    class PrefixSharingTrainer(Trainer):
+        """Takes `shared_prefix_batch`'s batches too: their prefix runs once, with gradients, and
+        every row attends to its keys and values."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            prefix = inputs.pop("prefix_ids", None)
+            if prefix is not None:
+                cache = prefix_cache(model, prefix)
+                cache.batch_repeat_interleave(len(inputs["input_ids"]))
+                inputs = {**inputs, cache_argument(model): cache, "use_cache": True}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     settings = dict(output_dir=out, per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=2e-4,
                     report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, bf16=args.bf16,
                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0)
     settings.update(overrides)
-    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=rows, data_collator=collator)
+    return PrefixSharingTrainer(model=model, args=TrainingArguments(**settings), train_dataset=rows,
+                                data_collator=collator)
 
 
 def train_seconds(model, rows, collator, args, **overrides) -> float:
@@ -128,17 +144,24 @@ def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
     return best
 
 
-def training_flops(model, rows, lora: bool) -> float:
+def training_flops(model, rows, lora: bool, shared_prefix_batch_size: int = 1) -> float:
     """Matmul FLOPs of one pass over `rows` (non-pad tokens only): 2N forward, 2N backward to the
     activations, plus 2N for weight gradients of what is trained; attention scores on top. The
-    vocabulary projection counts only where the loss needs it: one position per target token."""
+    vocabulary projection counts only where the loss needs it: one position per target token.
+    With `shared_prefix_batch_size` > 1 the prompt start all rows share runs once per batch of that
+    size (`shared_prefix_batch`; batches whose rows share a longer start do a little less)."""
+    from databricks_llm.generation import shared_prefix
+
     config, head = model.config, model.get_output_embeddings()
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    tokens = sum(len(r["input_ids"]) for r in rows)
+    prompts = [r["input_ids"][:next(i for i, label in enumerate(r["labels"]) if label != -100)] for r in rows]
+    shared = len(shared_prefix(prompts)) if shared_prefix_batch_size > 1 else 0
+    reused = len(rows) - -(-len(rows) // shared_prefix_batch_size)  # rows that reuse their batch's prefix
+    tokens = sum(len(r["input_ids"]) for r in rows) - reused * shared
     targets = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
-    squares = sum(len(r["input_ids"]) ** 2 for r in rows)
+    squares = sum(len(r["input_ids"]) ** 2 for r in rows) - reused * shared ** 2
     per_token = (4 * linear + 6 * adapters) if lora else 6 * linear
     per_target = (4 if lora else 6) * head.weight.numel()
     attention = 3 * 4 * config.num_hidden_layers * config.hidden_size * squares / 2  # causal: half the scores
@@ -179,11 +202,35 @@ def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
             "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
-LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, packed, or ours without a KV cache, attention)
+def shared_prefix_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Our batch with the prompt tokens every row starts with (chat template and instruction: 27 of an
+    E2E row's ~91) taken out of the rows and sent once as `prefix_ids`; the attention mask covers
+    prefix and rows (each row's padding between the two), positions continue after the prefix."""
+    from databricks_llm.data import pad_batch
+    from databricks_llm.generation import shared_prefix
+
+    first_target = [next(i for i, label in enumerate(f["labels"]) if label != -100) for f in features]
+    prefix = shared_prefix([f["input_ids"][:n] for f, n in zip(features, first_target)])
+    batch = pad_batch([{k: f[k][len(prefix):] for k in ("input_ids", "labels")} for f in features], pad_token_id,
+                      target_logits_only=True)
+    if prefix:
+        batch["prefix_ids"] = torch.tensor([prefix])
+        batch["attention_mask"] = torch.cat([torch.ones(len(features), len(prefix), dtype=torch.long),
+                                             batch["attention_mask"]], 1)
+        batch["position_ids"] = batch["position_ids"] + len(prefix)
+    return batch
+
+
+LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, shared (prefix once), packed, or ours without a KV cache, attention)
     "fused_adamw": ({"optim": "adamw_torch_fused"}, "ours", "sdpa"),
     "torch_compile": ({"torch_compile": True}, "ours", "sdpa"),
     "bf16_autocast": ({"bf16": True}, "ours", "sdpa"),
     "bf16_eager_attention": ({"bf16": True}, "ours", "eager"),  # what fine_tune --bf16 trains with on a CPU
+    "bf16_eager_shared_prefix": ({"bf16": True}, "shared", "eager"),
+    "bf16_eager_batch_16": ({"bf16": True, "per_device_train_batch_size": 16}, "ours", "eager"),
+    "bf16_eager_batch_16_shared_prefix": ({"bf16": True, "per_device_train_batch_size": 16}, "shared", "eager"),
+    "bf16_eager_batch_32": ({"bf16": True, "per_device_train_batch_size": 32}, "ours", "eager"),
+    "bf16_eager_batch_32_shared_prefix": ({"bf16": True, "per_device_train_batch_size": 32}, "shared", "eager"),
     "batch_16": ({"per_device_train_batch_size": 16}, "ours", "sdpa"),
     "batch_32": ({"per_device_train_batch_size": 32}, "ours", "sdpa"),
     "packing": ({}, "packed", "sdpa"),
@@ -199,10 +246,10 @@ def measure_levers(model, tokenizer, train, args) -> None:
     rows = train.select(range(args.steps * args.batch_size))
     useful = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
     lora = hasattr(model, "peft_config")
-    flops = training_flops(model, rows, lora)
     half = benchmark_model(args.model, torch.bfloat16, lora, args.lora_dropout)
     ours = collator(model, tokenizer)
-    batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False}}
+    batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False},
+               "shared": lambda features: shared_prefix_batch(features, tokenizer.pad_token_id)}
     levers = {"default": ({}, "ours", "sdpa"), **{name: LEVERS[name] for name in args.levers.split(",")}}
 
     def run(name: str) -> float:
@@ -222,6 +269,9 @@ def measure_levers(model, tokenizer, train, args) -> None:
     for name in levers:
         dtype = torch.bfloat16 if name == "bf16_autocast" or args.bf16 else torch.float32
         summary(f"lever_{name}", [useful / t for t in seconds[name]], default, " tok/s")
+        overrides, kind, _ = levers[name]
+        flops = training_flops(model, rows, lora, overrides.get("per_device_train_batch_size", args.batch_size)
+                               if kind == "shared" else 1)
         mfu = [flops / t / peaks[dtype] for t in seconds[name]]
         print(f"  MFU {statistics.median(mfu):.2f} ({min(mfu):.2f}..{max(mfu):.2f}) of the {dtype} peak "
               f"{peaks[dtype] / 1e12:.3f} TFLOP/s", flush=True)

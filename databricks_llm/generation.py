@@ -58,7 +58,8 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     shared = shared_prefix(prompts) if reuse_prefix and not synced_gpus else []
-    prefix_cache = _prefix_cache(model, shared, device) if shared else None
+    with torch.no_grad():
+        prefix_kv = prefix_cache(model, torch.tensor([shared], device=device)) if shared else None
     constraint = constraints.for_task(tokenizer, task) if structured else None
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     outputs = [""] * len(prompts)
@@ -72,8 +73,8 @@ def generate(model: Any, tokenizer: Any, inputs: list[str], *, task: Task = E2E,
             width = ids.shape[1]
             processor = constraint.processor(width) if constraint else None
             cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
+            if prefix_kv is not None:
+                cache = copy.deepcopy(prefix_kv)
                 cache.batch_repeat_interleave(len(rows))
             with torch.no_grad():
                 if temperature == 0 and not synced_gpus:
@@ -98,7 +99,7 @@ def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, max_t
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config) if cache is None else cache
-    step_inputs = {_cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
+    step_inputs = {cache_argument(model): cache, "use_cache": True, "logits_to_keep": 1}
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     done = cache.get_seq_length()
     logits = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=positions[:, done:], **step_inputs).logits
@@ -128,7 +129,7 @@ def _transformers_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, ca
     `_greedy` is; every row steps until the batch's longest ends."""
     extra = {"logits_processor": LogitsProcessorList([processor])} if processor else {}
     if cache is not None:
-        extra[_cache_argument(model)] = cache
+        extra[cache_argument(model)] = cache
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, pad_token_id=pad,
                           eos_token_id=eos, **extra, **settings)[:, ids.shape[1]:]
 
@@ -164,18 +165,18 @@ def shared_prefix(prompts: list[list[int]], minimum: int = 16) -> list[int]:
     return first[:length] if length >= minimum else []
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     """The name the model's forward gives its key/value cache (`cache` since transformers 5.20,
     `past_key_values` before)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:
-    """Keys and values of `prefix` for one row, to be copied for every batch."""
+def prefix_cache(model: Any, prefix: torch.Tensor) -> Any:
+    """Keys and values of `prefix` (token ids, 1 x P) from `model`, for batches that start from it.
+    Scoring calls it under `torch.no_grad()` and copies the result for every batch."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_argument(model): cache})
+    model(input_ids=prefix, use_cache=True, **{cache_argument(model): cache})
     return cache

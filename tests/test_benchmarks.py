@@ -28,9 +28,12 @@ def test_speed_benchmark_measures_each_training_lever_against_the_default():
                         launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert SUMMARY.findall(result.stdout) == ["lever_default", "lever_fused_adamw", "lever_torch_compile",
-                                              "lever_bf16_autocast", "lever_bf16_eager_attention", "lever_batch_16",
+                                              "lever_bf16_autocast", "lever_bf16_eager_attention",
+                                              "lever_bf16_eager_shared_prefix", "lever_bf16_eager_batch_16",
+                                              "lever_bf16_eager_batch_16_shared_prefix", "lever_bf16_eager_batch_32",
+                                              "lever_bf16_eager_batch_32_shared_prefix", "lever_batch_16",
                                               "lever_batch_32", "lever_packing", "lever_no_kv_cache"]
-    assert result.stdout.count("  MFU ") == 9
+    assert result.stdout.count("  MFU ") == 14
 
 
 def test_speed_benchmark_measures_only_the_levers_asked_for():
@@ -63,6 +66,38 @@ def test_packed_rows_give_the_loss_of_the_padded_batch(tiny_model):
         padded = model(**data.collator(model, tokenizer)(rows)).loss
         packed = model(**packed_batch(rows)).loss
     assert torch.allclose(padded, packed, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_shared_prefix_gives_the_loss_and_gradients_of_full_rows(tiny_model, tmp_path, attention):
+    import argparse
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from speed import shared_prefix_batch, trainer
+
+    from databricks_llm import data, models
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
+    model = models.add_lora(base, r=4, alpha=8, dropout=0.0, target_modules="all-linear", gradient_checkpointing=False,
+                            use_4bit=False)
+    splits, task = data.load("embedded:e2e-sample")
+    rows = list(data.tokenize_splits(splits, tokenizer, 256, task)["train"].select(range(6)))
+    step = trainer(model, rows, None, argparse.Namespace(batch_size=6, bf16=False), str(tmp_path))
+    shared = shared_prefix_batch(rows, tokenizer.pad_token_id)
+    assert shared["prefix_ids"].shape[1] >= 16
+    results = []
+    for batch in (data.collator(model, tokenizer)(rows), shared):
+        model.zero_grad()
+        loss = step.compute_loss(model, dict(batch))
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (full_loss, full_grads), (shared_loss, shared_grads) = results
+    assert shared_loss == pytest.approx(full_loss, rel=1e-5)
+    torch.testing.assert_close(shared_grads, full_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model_and_its_timed_checkpoint(tmp_path):
