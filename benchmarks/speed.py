@@ -150,14 +150,11 @@ def training_flops(model, rows, lora: bool, shared_prefix_batch_size: int = 1) -
     vocabulary projection counts only where the loss needs it: one position per target token.
     With `shared_prefix_batch_size` > 1 the prompt start all rows share runs once per batch of that
     size (`shared_prefix_batch`; batches whose rows share a longer start do a little less)."""
-    from databricks_llm.generation import shared_prefix
-
     config, head = model.config, model.get_output_embeddings()
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    prompts = [r["input_ids"][:next(i for i, label in enumerate(r["labels"]) if label != -100)] for r in rows]
-    shared = len(shared_prefix(prompts)) if shared_prefix_batch_size > 1 else 0
+    shared = len(common_prompt_start(rows)) if shared_prefix_batch_size > 1 else 0
     reused = len(rows) - -(-len(rows) // shared_prefix_batch_size)  # rows that reuse their batch's prefix
     tokens = sum(len(r["input_ids"]) for r in rows) - reused * shared
     targets = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
@@ -202,15 +199,21 @@ def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
             "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
+def common_prompt_start(rows: list[dict]) -> list[int]:
+    """The prompt tokens every row starts with, as scoring shares them (`generation.shared_prefix`)."""
+    from databricks_llm.data import first_target
+    from databricks_llm.generation import shared_prefix
+
+    return shared_prefix([r["input_ids"][:first_target(r["labels"])] for r in rows])
+
+
 def shared_prefix_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Our batch with the prompt tokens every row starts with (chat template and instruction: 27 of an
     E2E row's ~91) taken out of the rows and sent once as `prefix_ids`; the attention mask covers
     prefix and rows (each row's padding between the two), positions continue after the prefix."""
     from databricks_llm.data import pad_batch
-    from databricks_llm.generation import shared_prefix
 
-    first_target = [next(i for i, label in enumerate(f["labels"]) if label != -100) for f in features]
-    prefix = shared_prefix([f["input_ids"][:n] for f, n in zip(features, first_target)])
+    prefix = common_prompt_start(features)
     batch = pad_batch([{k: f[k][len(prefix):] for k in ("input_ids", "labels")} for f in features], pad_token_id,
                       target_logits_only=True)
     if prefix:

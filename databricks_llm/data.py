@@ -394,7 +394,7 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
     labels = padded([f["labels"] for f in features], -100, left=target_logits_only)
     batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
     if target_logits_only:
-        keep = min(width, 1 + max(len(f["labels"]) - _first_target(f["labels"]) for f in features))  # +1: the logit before
+        keep = min(width, 1 + max(len(f["labels"]) - first_target(f["labels"]) for f in features))  # +1: the logit before
         batch["labels"] = batch["labels"][:, -keep:]
         batch["logits_to_keep"] = torch.arange(width - keep, width)  # indices, not a count: a contiguous copy
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -409,5 +409,6 @@ def collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
     return partial(pad_batch, pad_token_id=tokenizer.pad_token_id, target_logits_only=selective)
 
 
-def _first_target(labels: list[int]) -> int:
+def first_target(labels: list[int]) -> int:
+    """Where a row's target starts: its first label that is not -100 (the prompt's)."""
     return next((i for i, label in enumerate(labels) if label != -100), len(labels))
