@@ -292,20 +292,25 @@ class _FormatProcessor:
         return cached[1]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        blocked = torch.zeros_like(scores, dtype=torch.bool, device="cpu")
+        return scores.masked_fill(self.blocked(input_ids, scores.shape[1]).to(scores.device), float("-inf"))
+
+    def blocked(self, input_ids: torch.LongTensor, vocabulary: int) -> torch.Tensor:
+        """Rows x vocabulary, True where a row may not take the token next (on the CPU). Depends on the
+        tokens so far only, so a caller may ask before it computes the scores."""
+        blocked = torch.zeros(input_ids.shape[0], vocabulary, dtype=torch.bool)
         copying: dict[int, list[int]] = {}  # row -> the tokens its copied value may take
         for row, ids in enumerate(input_ids.tolist()):
             if self.eos in ids[self.width:]:
                 continue  # finished: generate pads it whatever the scores say
-            blocked[row] = self._mask(self.enforcer.get_allowed_tokens(ids).allowed_tokens, scores.shape[1])
+            blocked[row] = self._mask(self.enforcer.get_allowed_tokens(ids).allowed_tokens, vocabulary)
             copied = self.copy.allowed(self._source(ids[:self.width]), ids[self.width:]) if self.copy else None
             if copied:
                 copying[row] = copied
         if copying:  # one mask for every copying row
             rows = torch.tensor(list(copying))
-            held = torch.ones(len(rows), scores.shape[1], dtype=torch.bool)
+            held = torch.ones(len(rows), vocabulary, dtype=torch.bool)
             held[torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(t) for t in copying.values()])),
                  torch.tensor([t for tokens in copying.values() for t in tokens])] = False
             held &= ~(held | blocked[rows]).all(-1, keepdim=True)  # never block every token of a row
             blocked[rows] |= held
-        return scores.masked_fill(blocked.to(scores.device), float("-inf"))
+        return blocked

@@ -85,3 +85,32 @@ def test_greedy_decoding_gives_generates_tokens_while_rows_leave_the_batch_as_th
     assert torch.equal(tokens[:, :expected.shape[1]], expected)
     assert (tokens[:, expected.shape[1]:] == pad).all()
     assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and batch_sizes == sorted(batch_sizes, reverse=True)
+
+
+@pytest.mark.parametrize("narrow_at_most", [1.0, 0.0], ids=["allowed-tokens-only", "whole-vocabulary"])
+def test_structured_greedy_decoding_gives_generates_tokens_with_either_projection(tiny_causal_lm, tiny_tokenizer,
+                                                                                 monkeypatch, narrow_at_most):
+    import torch
+
+    from databricks_llm import constraints, data, generation
+    from databricks_llm.data import encode_prompts, padded
+
+    _, task = data.load("embedded:e2e-sample")
+    prompts = encode_prompts(tiny_tokenizer, [row["sentence"] for row in sample_rows(6, seed=5)], task)
+    pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
+    ids = torch.tensor(padded(prompts, pad, left=True))
+    mask = torch.tensor(padded([[1] * len(p) for p in prompts], 0, left=True))
+    constraint = constraints.for_task(tiny_tokenizer, task)
+    with torch.no_grad():
+        expected = generation._transformers_generate(tiny_causal_lm, ids, mask, None, 30, eos, pad,
+                                                     constraint.processor(ids.shape[1]), do_sample=False)
+        monkeypatch.setattr(generation, "NARROW_PROJECTION_AT_MOST", narrow_at_most)
+        head_calls = []
+        probe = tiny_causal_lm.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+        try:
+            tokens = generation._greedy(tiny_causal_lm, ids, mask, None, 30, eos, pad, constraint.processor(ids.shape[1]))
+        finally:
+            probe.remove()
+    assert torch.equal(tokens[:, :expected.shape[1]], expected)
+    assert (tokens[:, expected.shape[1]:] == pad).all()
+    assert bool(head_calls) == (narrow_at_most == 0.0)  # allowed tokens only: the full projection never runs
