@@ -63,8 +63,11 @@ def main() -> int:
     parser.add_argument("--variants", default="contiguous128,dropping128,generate128,today",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="each variant runs 2 x repeats times, orders alternating")
+    parser.add_argument("--reference", default="baseline", help="the variant whose outputs the 'differ' column compares with")
     args = parser.parse_args()
     names = ["baseline", *[v for v in args.variants.split(",") if v and v != "baseline"]]
+    if args.reference not in names:
+        names.append(args.reference)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         print(f"error: unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})", file=sys.stderr)
@@ -102,15 +105,17 @@ def main() -> int:
             seconds[name].append(time.perf_counter() - start)
             print(f"[scoring] {name}: {seconds[name][-1]:.1f}s", flush=True)
     base = statistics.median(seconds["baseline"])
-    print(f"{len(inputs)} rows of {args.dataset} test, {args.dtype}, max_tokens {args.max_tokens}")
+    print(f"{len(inputs)} rows of {args.dataset} test, {args.dtype}, max_tokens {args.max_tokens}; "
+          f"'differ': outputs unlike {args.reference}'s")
     print(f"{'variant':<12}{'median s':>10}{'min..max':>16}{'speed-up':>10}{'differ':>8}{'F1':>8}{'exact':>8}")
     for name in names:
         s = score(task.output_format, outputs[name], references)
-        differ = [i for i, (a, b) in enumerate(zip(outputs[name], outputs["baseline"])) if a != b]
+        differ = [i for i, (a, b) in enumerate(zip(outputs[name], outputs[args.reference])) if a != b]
         print(f"{name:<12}{statistics.median(seconds[name]):>10.1f}{min(seconds[name]):>8.1f}..{max(seconds[name]):<6.1f}"
               f"{base / statistics.median(seconds[name]):>10.2f}{len(differ):>8}{s['f1']:>8.4f}{s['exact_match']:>8.4f}")
         for i in differ[:5]:
-            print(f"    row {i}: baseline {outputs['baseline'][i]!r}\n    {'':>{len(str(i)) + 5}}{name} {outputs[name][i]!r}")
+            print(f"    row {i}: {args.reference} {outputs[args.reference][i]!r}\n"
+                  f"    {'':>{len(str(i)) + 5}}{name} {outputs[name][i]!r}")
     return 0
 
 

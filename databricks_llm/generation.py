@@ -143,13 +143,15 @@ def _next_tokens(state: torch.Tensor, sequences: torch.Tensor, processor: Any, h
     if head is None:
         scores = state.float()
         return (processor(sequences, scores) if processor is not None else scores).argmax(-1)
-    blocked = processor.blocked(sequences, head.weight.shape[0]).to(state.device)
-    allowed = (~blocked).any(0).nonzero().squeeze(1)
-    if len(allowed) > NARROW_PROJECTION_AT_MOST * head.weight.shape[0]:
+    vocabulary = head.weight.shape[0]
+    tokens, blocked = processor.choices(sequences, vocabulary, at_most=int(NARROW_PROJECTION_AT_MOST * vocabulary))
+    blocked = blocked.to(state.device)
+    if tokens is None:
         return head(state).float().masked_fill(blocked, float("-inf")).argmax(-1)
-    bias = head.bias.index_select(0, allowed) if head.bias is not None else None
-    scores = torch.nn.functional.linear(state, head.weight.index_select(0, allowed), bias).float()
-    return allowed[scores.masked_fill(blocked[:, allowed], float("-inf")).argmax(-1)]
+    tokens = tokens.to(state.device)
+    bias = head.bias.index_select(0, tokens) if head.bias is not None else None
+    scores = torch.nn.functional.linear(state, head.weight.index_select(0, tokens), bias).float()
+    return tokens[scores.masked_fill(blocked, float("-inf")).argmax(-1)]
 
 
 def _body_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:

@@ -170,3 +170,36 @@ def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt_and_end_w
     assert all(a[1:].split('"')[0] in sentence for a in allowed), allowed
     assert not any(a.startswith('"The P"') for a in allowed)  # not cut inside a word
     assert any(a.startswith('"The Punter"') for a in next_texts('{"name": "The Punter'))
+
+
+def test_the_narrow_view_of_a_step_is_the_whole_vocabulary_mask_over_the_only_tokens_allowed(
+        wild_model, tiny_tokenizer, monkeypatch):
+    import torch
+
+    from databricks_llm import constraints as module
+    from databricks_llm.generation import generate
+
+    _, task = data.load("embedded:e2e-sample")
+    steps = []
+    choices = module._FormatProcessor.choices
+    def spy(self, ids, *args, **kwargs):
+        steps.append((self, ids.clone()))
+        return choices(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(module._FormatProcessor, "choices", spy)
+    inputs = [row["sentence"] for row in data.sample_data.generate(10, seed=3)]
+    generate(wild_model, tiny_tokenizer, inputs, task=task, max_tokens=40, structured=True)
+    vocabulary = wild_model.get_output_embeddings().weight.shape[0]
+    narrowed = 0
+    for processor, ids in steps:
+        tokens, narrow = choices(processor, ids, vocabulary, at_most=vocabulary)
+        none, dense = choices(processor, ids, vocabulary, at_most=0)
+        assert none is None and dense.shape == (len(ids), vocabulary)
+        if tokens is None:
+            continue
+        narrowed += 1
+        assert torch.equal(narrow, dense[:, tokens])
+        outside = torch.ones(vocabulary, dtype=torch.bool)
+        outside[tokens] = False
+        assert dense[:, outside].all()  # no row may take a token outside the narrow view
+    assert narrowed == len(steps) > 10
