@@ -114,3 +114,42 @@ def test_structured_greedy_decoding_gives_generates_tokens_with_either_projectio
     assert torch.equal(tokens[:, :expected.shape[1]], expected)
     assert (tokens[:, expected.shape[1]:] == pad).all()
     assert bool(head_calls) == (narrow_at_most == 0.0)  # allowed tokens only: the full projection never runs
+
+
+def test_a_preallocated_cache_layer_holds_what_a_growing_one_does_writing_in_place():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from databricks_llm.generation import _Preallocated
+
+    torch.manual_seed(0)
+    plain, held = DynamicLayer(), _Preallocated.of(DynamicLayer(), capacity=8)
+
+    def step(positions: int, rows: int) -> None:
+        keys, values = torch.randn(rows, 2, positions, 4), torch.randn(rows, 2, positions, 4)
+        for expected, got in zip(plain.update(keys, values), held.update(keys, values)):
+            assert torch.equal(expected, got)
+
+    step(3, 5)  # the prompt
+    buffer = held.buffers[0]
+    step(1, 5)
+    assert held.buffers[0] is buffer  # written in place, not concatenated
+    for layer in (plain, held):
+        layer.batch_select_indices(torch.tensor([0, 2, 4]))  # rows that ended leave
+    step(1, 3)
+    step(4, 3)  # past the room asked for: it grows
+    assert held.get_seq_length() == plain.get_seq_length() == 9
+    assert torch.equal(held.keys, plain.keys) and torch.equal(held.values, plain.values)
+
+
+def test_a_preallocated_copy_of_a_filled_layer_starts_from_its_keys_and_values():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from databricks_llm.generation import _Preallocated
+
+    prefix = DynamicLayer()
+    prefix.update(torch.ones(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))
+    held = _Preallocated.of(prefix, capacity=10)
+    assert held.get_seq_length() == 3 and held.buffers[0].shape[-2] == 10
+    assert torch.equal(held.keys, prefix.keys) and torch.equal(held.values, prefix.values)
