@@ -182,6 +182,7 @@ def test_the_narrow_view_of_a_step_is_the_whole_vocabulary_mask_over_the_only_to
     _, task = data.load("embedded:e2e-sample")
     steps = []
     choices = module._FormatProcessor.choices
+
     def spy(self, ids, *args, **kwargs):
         steps.append((self, ids.clone()))
         return choices(self, ids, *args, **kwargs)
