@@ -314,43 +314,45 @@ class _FormatProcessor:
             copied = self.copy.allowed(self._source(ids[:self.width]), ids[self.width:]) if self.copy else None
             if copied:
                 copying[row] = copied
-        narrow = self._narrow(formats, copying, vocabulary, at_most)
-        return narrow if narrow is not None else (None, self._dense(formats, copying, vocabulary))
+        held = self._held(formats, copying, vocabulary)
+        narrow = self._narrow(formats, held, vocabulary, at_most)
+        return narrow if narrow is not None else (None, self._dense(formats, held, vocabulary))
 
-    def _dense(self, formats: list[list[int] | None], copying: dict[int, list[int]], vocabulary: int) -> torch.Tensor:
-        finished = torch.zeros(vocabulary, dtype=torch.bool)
-        blocked = torch.stack([finished if allowed is None else self._cached(allowed, vocabulary)[0]
-                               for allowed in formats])
-        if copying:  # one mask for every copying row
-            rows = torch.tensor(list(copying))
-            held = torch.ones(len(rows), vocabulary, dtype=torch.bool)
-            held[torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(t) for t in copying.values()])),
-                 torch.tensor([t for tokens in copying.values() for t in tokens])] = False
-            held &= ~(held | blocked[rows]).all(-1, keepdim=True)  # never block every token of a row
-            blocked[rows] |= held
-        return blocked
-
-    def _narrow(self, formats: list[list[int] | None], copying: dict[int, list[int]], vocabulary: int,
-                at_most: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`choices`' narrow answer, built over the few tokens allowed rather than row x vocabulary
-        masks (their copies cost ~10% of a decoding step at batch 128), or None when too many."""
-        held: dict[int, torch.Tensor] = {}  # copying row -> tokens its value and the format both allow
+    def _held(self, formats: list[list[int] | None], copying: dict[int, list[int]],
+              vocabulary: int) -> dict[int, torch.Tensor]:
+        """Copying row -> the tokens its copied value and the format both allow; a row where none are
+        both takes the format's tokens (never block every token of a row)."""
+        held = {}
         for row, copied in copying.items():
             ids = torch.tensor(copied, dtype=torch.long)
             both = ids[~self._cached(formats[row], vocabulary)[0][ids]]
-            if len(both):  # else the row takes the format's tokens (never block every token of a row)
+            if len(both):
                 held[row] = both
-        pieces, kinds = [], {}  # the distinct allowed lists of rows not held to a copy
+        return held
+
+    def _dense(self, formats: list[list[int] | None], held: dict[int, torch.Tensor], vocabulary: int) -> torch.Tensor:
+        finished = torch.zeros(vocabulary, dtype=torch.bool)
+        blocked = torch.stack([finished if allowed is None else self._cached(allowed, vocabulary)[0]
+                               for allowed in formats])
+        for row, tokens in held.items():
+            blocked[row] = True
+            blocked[row, tokens] = False
+        return blocked
+
+    def _narrow(self, formats: list[list[int] | None], held: dict[int, torch.Tensor], vocabulary: int,
+                at_most: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`choices`' narrow answer, built over the few tokens allowed rather than as row x vocabulary
+        masks (about 16 ms a step at batch 128), or None when too many."""
+        kinds: dict[int, list[int]] = {}  # the distinct allowed lists of rows not held to a copy
         for row, allowed in enumerate(formats):
             if allowed is None or row in held or id(allowed) in kinds:
                 continue
             if len(allowed) > at_most:
                 return None
             kinds[id(allowed)] = allowed
-            pieces.append(self._cached(allowed, vocabulary)[1])
-        if not pieces and not held:
+        if not kinds and not held:
             return None
-        tokens = torch.unique(torch.cat(pieces + list(held.values())))
+        tokens = torch.unique(torch.cat([self._cached(a, vocabulary)[1] for a in kinds.values()] + list(held.values())))
         if len(tokens) > at_most:
             return None
         blocked = torch.zeros(len(formats), len(tokens), dtype=torch.bool)

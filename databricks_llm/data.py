@@ -404,9 +404,13 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
 def collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
     """The Trainer's batches for `model`: logits at target positions only when its forward allows it
     (every causal LM in transformers does; remote code may not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    selective = "logits_to_keep" in inspect.signature(base.forward).parameters
+    selective = "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
     return partial(pad_batch, pad_token_id=tokenizer.pad_token_id, target_logits_only=selective)
+
+
+def unwrapped(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (its adapters sit in its layers), or `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def first_target(labels: list[int]) -> int:

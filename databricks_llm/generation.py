@@ -12,7 +12,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from databricks_llm import constraints
-from databricks_llm.data import encode_prompts, padded
+from databricks_llm.data import encode_prompts, padded, unwrapped
 from databricks_llm.errors import InputError
 from databricks_llm.task import E2E, Task
 
@@ -158,7 +158,7 @@ def _body_and_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     """The model's body (hidden states out) and its vocabulary projection, where its forward is the
     one then the other (transformers' causal LMs whose `get_decoder` names a separate body), else None.
     A LoRA model's adapters sit inside the body's layers, so they still apply."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     head = base.get_output_embeddings()
     body = base.get_decoder() if hasattr(base, "get_decoder") else base
     return (body, head) if body is not base and isinstance(head, torch.nn.Linear) else None
@@ -209,8 +209,7 @@ def shared_prefix(prompts: list[list[int]], minimum: int = 16) -> list[int]:
 def cache_argument(model: Any) -> str:
     """The name the model's forward gives its key/value cache (`cache` since transformers 5.20,
     `past_key_values` before)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrapped(model).forward).parameters else "past_key_values"
 
 
 def prefix_cache(model: Any, prefix: torch.Tensor) -> Any:

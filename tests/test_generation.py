@@ -87,30 +87,57 @@ def test_greedy_decoding_gives_generates_tokens_while_rows_leave_the_batch_as_th
     assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and batch_sizes == sorted(batch_sizes, reverse=True)
 
 
+def structured_greedy_against_generate(model, tokenizer, task, rows=6):
+    """`_greedy`'s tokens under the task's format, transformers' `generate`'s with the same processor,
+    and how many of `_greedy`'s steps ran the whole vocabulary projection."""
+    import torch
+
+    from databricks_llm import constraints, generation
+    from databricks_llm.data import encode_prompts, padded
+
+    prompts = encode_prompts(tokenizer, [row["sentence"] for row in sample_rows(rows, seed=5)], task)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.tensor(padded(prompts, pad, left=True))
+    mask = torch.tensor(padded([[1] * len(p) for p in prompts], 0, left=True))
+    constraint = constraints.for_task(tokenizer, task)
+    head_calls = []
+    with torch.no_grad():
+        expected = generation._transformers_generate(model, ids, mask, None, 30, eos, pad,
+                                                     constraint.processor(ids.shape[1]), do_sample=False)
+        probe = model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+        try:
+            tokens = generation._greedy(model, ids, mask, None, 30, eos, pad, constraint.processor(ids.shape[1]))
+        finally:
+            probe.remove()
+    return tokens, expected, len(head_calls)
+
+
 @pytest.mark.parametrize("narrow_at_most", [1.0, 0.0], ids=["allowed-tokens-only", "whole-vocabulary"])
 def test_structured_greedy_decoding_gives_generates_tokens_with_either_projection(tiny_causal_lm, tiny_tokenizer,
                                                                                  monkeypatch, narrow_at_most):
     import torch
 
-    from databricks_llm import constraints, data, generation
-    from databricks_llm.data import encode_prompts, padded
+    from databricks_llm import data, generation
 
     _, task = data.load("embedded:e2e-sample")
-    prompts = encode_prompts(tiny_tokenizer, [row["sentence"] for row in sample_rows(6, seed=5)], task)
-    pad, eos = tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id
-    ids = torch.tensor(padded(prompts, pad, left=True))
-    mask = torch.tensor(padded([[1] * len(p) for p in prompts], 0, left=True))
-    constraint = constraints.for_task(tiny_tokenizer, task)
-    with torch.no_grad():
-        expected = generation._transformers_generate(tiny_causal_lm, ids, mask, None, 30, eos, pad,
-                                                     constraint.processor(ids.shape[1]), do_sample=False)
-        monkeypatch.setattr(generation, "NARROW_PROJECTION_AT_MOST", narrow_at_most)
-        head_calls = []
-        probe = tiny_causal_lm.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
-        try:
-            tokens = generation._greedy(tiny_causal_lm, ids, mask, None, 30, eos, pad, constraint.processor(ids.shape[1]))
-        finally:
-            probe.remove()
+    monkeypatch.setattr(generation, "NARROW_PROJECTION_AT_MOST", narrow_at_most)
+    tokens, expected, head_calls = structured_greedy_against_generate(tiny_causal_lm, tiny_tokenizer, task)
     assert torch.equal(tokens[:, :expected.shape[1]], expected)
-    assert (tokens[:, expected.shape[1]:] == pad).all()
+    assert (tokens[:, expected.shape[1]:] == tiny_tokenizer.pad_token_id).all()
     assert bool(head_calls) == (narrow_at_most == 0.0)  # allowed tokens only: the full projection never runs
+
+
+def test_json_values_of_any_text_switch_to_the_whole_projection_and_back_with_generates_tokens(tiny_causal_lm,
+                                                                                               tiny_tokenizer):
+    import dataclasses
+
+    import torch
+
+    from databricks_llm import data
+    from databricks_llm.constraints import Schema
+
+    _, task = data.load("embedded:e2e-sample", Task(output_format="json"))
+    free = dataclasses.replace(task, schema=dataclasses.replace(Schema.from_json(task.schema), copied=()).to_json())
+    tokens, expected, head_calls = structured_greedy_against_generate(tiny_causal_lm, tiny_tokenizer, free)
+    assert torch.equal(tokens[:, :expected.shape[1]], expected)
+    assert 0 < head_calls < expected.shape[1]  # whole projection while a value is open text, narrow elsewhere
