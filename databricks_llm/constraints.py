@@ -180,8 +180,15 @@ def _tokenizer_data(tokenizer: Any) -> Any:
             continue
         after_zero = tokenizer.decode([zero, token])[1:]
         regular.append((token, after_zero, len(after_zero) > len(tokenizer.decode([token]))))
-    return TokenEnforcerTokenizerData(regular, lambda ids: tokenizer.decode(ids).rstrip("\ufffd"),
-                                      tokenizer.eos_token_id, False, len(tokenizer))
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def text(ids: tuple[int, ...]) -> str:
+        return tokenizer.decode(list(ids)).rstrip("\ufffd")
+
+    # the enforcer decodes a row's current word at every step, and the same few words recur in every
+    # row: kept, the decoding costs a dictionary lookup instead of a call into the tokenizer
+    return TokenEnforcerTokenizerData(regular, lambda ids: text(tuple(ids)), tokenizer.eos_token_id, False,
+                                      len(tokenizer))
 
 
 class Constraint:

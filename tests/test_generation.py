@@ -141,3 +141,43 @@ def test_json_values_of_any_text_switch_to_the_whole_projection_and_back_with_ge
     tokens, expected, head_calls = structured_greedy_against_generate(tiny_causal_lm, tiny_tokenizer, free)
     assert torch.equal(tokens[:, :expected.shape[1]], expected)
     assert 0 < head_calls < expected.shape[1]  # whole projection while a value is open text, narrow elsewhere
+
+
+def test_a_growing_cache_layer_holds_what_a_concatenating_one_does_writing_in_place():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from databricks_llm.generation import _Growing
+
+    torch.manual_seed(0)
+    plain, grown = DynamicLayer(), _Growing.of(DynamicLayer())
+
+    def step(positions: int, rows: int) -> None:
+        keys, values = torch.randn(rows, 2, positions, 4), torch.randn(rows, 2, positions, 4)
+        for expected, got in zip(plain.update(keys, values), grown.update(keys, values)):
+            assert torch.equal(expected, got)
+
+    step(3, 5)  # the prompt
+    buffer = grown.buffers[0]
+    step(1, 5)
+    assert grown.buffers[0] is buffer  # written in place, not concatenated
+    for layer in (plain, grown):
+        layer.batch_select_indices(torch.tensor([0, 2, 4]))  # rows that ended leave
+    step(1, 3)
+    step(_Growing.GROW_BY, 3)  # past the room it had: it grows
+    assert grown.get_seq_length() == plain.get_seq_length() == 5 + _Growing.GROW_BY
+    assert grown.buffers[0].shape[-2] == 5 + 2 * _Growing.GROW_BY
+    assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
+
+
+def test_a_growing_copy_of_a_filled_layer_starts_from_its_keys_and_values():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from databricks_llm.generation import _Growing
+
+    prefix = DynamicLayer()
+    prefix.update(torch.ones(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))
+    grown = _Growing.of(prefix)
+    assert grown.get_seq_length() == 3 and grown.buffers[0].shape[-2] == 3 + _Growing.GROW_BY
+    assert torch.equal(grown.keys, prefix.keys) and torch.equal(grown.values, prefix.values)
