@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import torch
 from transformers import LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
 
 from databricks_llm import constraints
 from databricks_llm.data import encode_prompts, padded, unwrapped
@@ -95,15 +94,13 @@ def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, max_t
     """Greedy decoding as `generate` does it (positions from the attention mask, the last position's
     logits in float32, then `processor`, then argmax), except that a row leaves the batch as soon as
     it ends: `generate` runs every row until the batch's longest ends, and at batch 128 about a
-    quarter of its row-steps come after a row's end. Keys and values are written into buffers that
-    grow a few positions at a time (`_Growing`) rather than concatenated at every step.
-    With a `processor` the vocabulary projection covers only the tokens some row may take next
-    (`_next_tokens`). `cache` holds the keys and values of the first columns of `ids` (the shared
-    prefix), or is None. Returns the new tokens, `pad` after a row's end."""
+    quarter of its row-steps come after a row's end. With a `processor` the vocabulary projection
+    covers only the tokens some row may take next (`_next_tokens`). `cache` holds the keys and values
+    of the first columns of `ids` (the shared prefix), or is None. Returns the new tokens, `pad` after
+    a row's end."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config) if cache is None else cache
-    cache.layers = [_Growing.of(layer) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     split = _body_and_head(model) if processor is not None else None
     body = split[0] if split else model
     step_inputs = {cache_argument(body): cache, "use_cache": True, **({} if split else {"logits_to_keep": 1})}
@@ -132,54 +129,6 @@ def _greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, max_t
         position = position + 1
         state = last(token[:, None], mask, position)
     return tokens
-
-
-class _Growing(DynamicLayer):
-    """A key/value cache layer whose keys and values are views of buffers with room for GROW_BY more
-    positions: a step writes its positions in place, where `DynamicLayer` concatenates every layer's
-    keys and values into new tensors at every step (10% of scoring's time at batch 128 on a CPU, in
-    a profile); the buffers are copied once per GROW_BY positions instead. Attention reads the views
-    as they are (strided)."""
-
-    GROW_BY = 32
-
-    @classmethod
-    def of(cls, layer: DynamicLayer) -> _Growing:
-        """`layer` (empty, or filled with a shared prefix's keys and values) as a growing layer."""
-        grown = cls()
-        if layer.is_initialized and layer.get_seq_length() > 0:
-            grown._hold(layer.keys, layer.values)
-        return grown
-
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        length = keys.shape[-2]
-        self.buffers = [t.new_empty(*t.shape[:2], length + self.GROW_BY, t.shape[-1]) for t in (keys, values)]
-        for buffer, t in zip(self.buffers, (keys, values)):
-            buffer[:, :, :length] = t
-        self._view(length)
-        self.device, self.is_initialized = keys.device, True
-
-    def _view(self, length: int) -> None:
-        self.keys, self.values = (buffer[:, :, :length] for buffer in self.buffers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        done, new = self.get_seq_length(), key_states.shape[-2]
-        if done == 0:
-            self._hold(key_states, value_states)
-        elif done + new > self.buffers[0].shape[-2]:
-            self._hold(torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
-        else:
-            for buffer, states in zip(self.buffers, (key_states, value_states)):
-                buffer[:, :, done:done + new] = states
-            self._view(done + new)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        length = self.get_seq_length()
-        if length > 0:
-            self.buffers = [buffer.index_select(0, indices) for buffer in self.buffers]
-            self._view(length)
 
 
 NARROW_PROJECTION_AT_MOST = 0.25  # share of the vocabulary below which `_next_tokens` projects onto the allowed tokens only
