@@ -88,11 +88,12 @@ def test_text_tasks_have_nothing_to_enforce(tiny_tokenizer):
 
 def test_the_format_reads_each_piece_of_an_output_as_the_tokenizer_decodes_it(tiny_tokenizer):
     decoder = constraints._tokenizer_data(tiny_tokenizer).decoder
-    ids = tiny_tokenizer.encode("name[The Punter], near[Café Sicilia]", add_special_tokens=False)
-    for end in range(1, len(ids) + 1):
-        expected = tiny_tokenizer.decode(ids[:end]).rstrip("\ufffd")  # a character cut in two reads as nothing yet
-        assert decoder(ids[:end]) == expected
-        assert decoder(ids[:end]) == expected  # kept: the second reading is the first's
+    for text in ("name[The Punter], near[Café Sicilia]", "near[Café Sicilia], name[The Punter]"):
+        ids = tiny_tokenizer.encode(text, add_special_tokens=False)  # the same pieces, read in another order
+        for end in range(1, len(ids) + 1):
+            expected = tiny_tokenizer.decode(ids[:end]).rstrip("\ufffd")  # a character cut in two reads as nothing yet
+            assert decoder(ids[:end]) == expected
+            assert decoder(ids[:end]) == expected  # kept: the second reading is the first's
 
 
 @pytest.fixture(scope="module")
