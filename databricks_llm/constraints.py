@@ -2,14 +2,15 @@
 
 The format is one regular expression built from the training targets (`Schema`): the fields in
 the order the targets give them, each at most once; closed-vocabulary values spelled as in the
-data; other values any text without the format's delimiters. lm-format-enforcer walks the
-tokenizer's vocabulary with that expression and gives the tokens each row may take next; the
-allowed set depends only on the expression's state, so each state is computed once and reused
-by every row, batch and request that reaches it (`Constraint` holds that cache).
+data; other values any text without the format's delimiters. outlines-core compiles the expression
+against the tokenizer's vocabulary into an index of the expression's states, with the tokens each
+state allows, all at once (about a second for E2E's format and SmolLM2's 49,152 tokens, in Rust);
+a row's state then follows its tokens, one lookup a token (`_IndexFormat`).
 
 - slots: ``key[value], key[value]`` with keys from the task's key set;
 - json: one flat object in the data's spelling (``{"key": "value", ...}``); targets with nested
-  values get any JSON object instead (lm-format-enforcer's JSON parser, slower);
+  values get any JSON object instead (lm-format-enforcer's JSON parser, which computes each state's
+  tokens when a row first reaches it: slower);
 - text: unconstrained.
 Open fields whose training values are copied from the input (`Schema.copied`: E2E's `name` and
 `near`) are held to text the row's prompt spells out (`_Copy`), so a name is never misspelt.
@@ -26,7 +27,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,8 +35,8 @@ from databricks_llm.error_analysis import CLOSED_AT_MOST, E2E_VOCABULARY
 from databricks_llm.scoring import E2E_SLOTS, parse_json, parse_mr
 
 COPIED_AT_LEAST = 0.99  # share of an open field's training values found verbatim in their input
-_OPEN_SLOT_VALUE = r"[^\[\]\n]+"
-_OPEN_STRING = r'"([^"\\\n]|\\["\\/bfnrtu])*"'
+_OPEN_SLOT_VALUE = r"[^\[\]\n\x00]+"
+_OPEN_STRING = r'"([^"\\\n\x00]|\\["\\/bfnrtu])*"'
 _SCALARS = {"number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", "boolean": "(true|false)", "null": "null"}
 
 
@@ -191,31 +192,120 @@ def _tokenizer_data(tokenizer: Any) -> Any:
                                       len(tokenizer))
 
 
+Walk = Callable[[tuple[int, ...]], list[int]]  # a row's generated tokens -> the tokens it may take next
+
+
 class Constraint:
     """One task's format for one tokenizer; `processor(prompt_width)` confines a `generate` call.
-    The allowed tokens of each state of the format are computed once for the life of this object."""
+    What each state of the format allows is kept for the life of this object."""
 
     def __init__(self, tokenizer: Any, output_format: str, schema: Schema | None) -> None:
-        from lmformatenforcer import JsonSchemaParser, RegexParser
-
         expression = pattern(output_format, schema) if schema else None
         if expression is not None:
-            self.parser = RegexParser(expression)
+            self.format: _IndexFormat | _EnforcerFormat = _IndexFormat(expression, tokenizer)
         elif output_format == "json":
-            self.parser = JsonSchemaParser({"type": "object"})
+            self.format = _EnforcerFormat(tokenizer)
         else:
             raise ValueError(f"no structured decoding for {output_format} outputs")
-        self.tokenizer_data = _tokenizer_data(tokenizer)
-        self.allowed_cache: dict = {}  # parser state -> allowed tokens, shared by every call
+        self.eos = tokenizer.eos_token_id
         self.masks: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # see _FormatProcessor._cached
         self.copy = _Copy(tokenizer, output_format, schema.copied) if schema and schema.copied else None
 
     def processor(self, prompt_width: int) -> Any:
+        return _FormatProcessor(self.format.walk(), prompt_width, self.eos, self.masks, self.copy)
+
+
+class _IndexFormat:
+    """A regular expression as outlines-core's index over the tokenizer's vocabulary.
+
+    The index leaves out a token that runs on past a point where the expression may end (with
+    `ab(cd)?`, `bc` after `a`; for E2E, `],` after a name, which SmolLM2 writes as one token), so
+    the expression given to it ends with a NUL that only a stand-in for the end-of-sequence token
+    spells (no other token may: outputs never hold a NUL)."""
+
+    def __init__(self, expression: str, tokenizer: Any) -> None:
+        from outlines_core import Index
+
+        self.end, self.eos = len(tokenizer), tokenizer.eos_token_id  # the stand-in: an id no token has
+        self.index = Index(expression + r"\x00", _vocabulary(tokenizer, self.end))
+        self.ended = [self.eos]  # what a row off the format may take (none can be, but a sampler)
+        self.allowed: dict[int, list[int]] = {}  # state -> its tokens, one list per state for every walk
+
+    def _tokens(self, state: int | None) -> list[int]:
+        if state is None:
+            return self.ended
+        if state not in self.allowed:
+            self.allowed[state] = [self.eos if t == self.end else t for t in self.index.get_allowed_tokens(state)]
+        return self.allowed[state]
+
+    def walk(self) -> Walk:
+        """A row's allowed tokens from its generated tokens, each state found from its parent's (a
+        batch asks once a step per row, one token longer each time)."""
+        states: dict[tuple[int, ...], int | None] = {(): self.index.get_initial_state()}
+
+        def allowed(generated: tuple[int, ...]) -> list[int]:
+            known = len(generated)
+            while generated[:known] not in states:
+                known -= 1
+            for end in range(known + 1, len(generated) + 1):
+                parent = states[generated[:end - 1]]
+                states[generated[:end]] = None if parent is None else self.index.get_next_state(parent, generated[end - 1])
+            return self._tokens(states[generated])
+
+        return allowed
+
+
+class _EnforcerFormat:
+    """Any JSON object, by lm-format-enforcer (no regular expression describes nested values)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from lmformatenforcer import JsonSchemaParser
+
+        self.parser = JsonSchemaParser({"type": "object"})
+        self.tokenizer_data = _tokenizer_data(tokenizer)
+        self.allowed_cache: dict = {}  # parser state -> allowed tokens, shared by every walk
+
+    def walk(self) -> Walk:
         from lmformatenforcer import TokenEnforcer
 
         enforcer = TokenEnforcer(self.tokenizer_data, self.parser)
         enforcer.allowed_token_cache = self.allowed_cache
-        return _FormatProcessor(enforcer, prompt_width, self.tokenizer_data.eos_token_id, self.masks, self.copy)
+        return lambda generated: enforcer.get_allowed_tokens(list(generated)).allowed_tokens
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(tokenizer: Any, end: int) -> Any:
+    """outlines-core's view of the vocabulary: each regular token's bytes (`_token_bytes`), none with
+    a NUL, and `end` spelling a NUL (see `_IndexFormat`)."""
+    from outlines_core import Vocabulary
+
+    special = set(tokenizer.all_special_ids)
+    tokens: dict[bytes, list[int]] = {b"\x00": [end]}
+    for token, piece in zip(range(len(tokenizer)), _token_bytes(tokenizer)):
+        if token not in special and piece and b"\x00" not in piece:
+            tokens.setdefault(piece, []).append(token)
+    return Vocabulary(tokenizer.eos_token_id, tokens)
+
+
+def _token_bytes(tokenizer: Any) -> list[bytes]:
+    """Each token's bytes as they read inside a sequence, by the tokenizer's decoder: byte-level
+    (GPT-2, Llama 3, SmolLM2: each character stands for a byte), SentencePiece-style (``▁`` a space,
+    ``<0x0A>`` a byte), else the token's text after another token, as UTF-8."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") if hasattr(
+        tokenizer, "backend_tokenizer") else None
+    kinds = {part.get("type") for part in (decoder or {}).get("decoders", [decoder or {}])}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if "ByteLevel" in kinds:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte = {char: code for code, char in bytes_to_unicode().items()}
+        return [bytes(byte[c] for c in piece) if all(c in byte for c in piece) else piece.encode() for piece in pieces]
+    if kinds & {"Metaspace", "ByteFallback", "Replace"}:
+        hex_byte = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+        return [bytes([int(m.group(1), 16)]) if (m := hex_byte.fullmatch(piece)) else piece.replace("\u2581", " ").encode()
+                for piece in pieces]
+    texts = {token: text for token, text, _ in _tokenizer_data(tokenizer).regular_tokens}
+    return [texts.get(token, "").encode() for token in range(len(tokenizer))]
 
 
 class _Copy:
@@ -280,8 +370,8 @@ def _word_starts(text: str, i: int) -> bool:
 class _FormatProcessor:
     """A `LogitsProcessor`: every unfinished row's next token comes from its allowed set."""
 
-    def __init__(self, enforcer: Any, prompt_width: int, eos: int, masks: dict, copy: _Copy | None = None) -> None:
-        self.enforcer, self.width, self.eos, self.masks, self.copy = enforcer, prompt_width, eos, masks, copy
+    def __init__(self, walk: Walk, prompt_width: int, eos: int, masks: dict, copy: _Copy | None = None) -> None:
+        self.walk, self.width, self.eos, self.masks, self.copy = walk, prompt_width, eos, masks, copy
         self.sources: dict[tuple[int, ...], str] = {}  # this batch's prompts as text, for `copy`
 
     def _source(self, prompt: list[int]) -> str:
@@ -291,7 +381,7 @@ class _FormatProcessor:
         return self.sources[key]
 
     def _cached(self, allowed: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`allowed` (a list the enforcer keeps per state) as a mask, True where blocked, and as ids."""
+        """`allowed` (a list the format keeps per state) as a mask, True where blocked, and as ids."""
         cached = self.masks.get(id(allowed))
         if cached is None or cached[0] is not allowed:
             mask = torch.ones(size, dtype=torch.bool)
@@ -317,7 +407,7 @@ class _FormatProcessor:
             if self.eos in ids[self.width:]:
                 formats.append(None)
                 continue
-            formats.append(self.enforcer.get_allowed_tokens(ids).allowed_tokens)
+            formats.append(self.walk(tuple(ids[self.width:])))
             copied = self.copy.allowed(self._source(ids[:self.width]), ids[self.width:]) if self.copy else None
             if copied:
                 copying[row] = copied

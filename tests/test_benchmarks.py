@@ -112,12 +112,21 @@ def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model_and_its_timed_
 
 def test_scoring_benchmark_prints_each_variant_against_the_baseline(tiny_model):
     result = run_module(str(REPO / "benchmarks" / "scoring.py"), f"--model={tiny_model}", "--dataset=embedded:e2e-sample",
-                        "--rows=6", "--max_tokens=4", "--variants=prefix,structured,uncopied,wholevocab,today",
+                        "--rows=6", "--max_tokens=4", "--variants=prefix,structured,uncopied,wholevocab,enforcer,today",
                         "--reference=wholevocab", launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = re.findall(r"^(\w+) +[\d.]+ +[\d.]+\.\.", result.stdout, re.MULTILINE)  # a row per variant
-    assert table == ["baseline", "prefix", "structured", "uncopied", "wholevocab", "today"]
+    assert table == ["baseline", "prefix", "structured", "uncopied", "wholevocab", "enforcer", "today"]
     assert "'differ': outputs unlike wholevocab's" in result.stdout
+
+
+def test_scoring_benchmark_cold_runs_each_variant_once_in_the_order_given_and_the_baseline_last(tiny_model):
+    result = run_module(str(REPO / "benchmarks" / "scoring.py"), f"--model={tiny_model}", "--dataset=embedded:e2e-sample",
+                        "--rows=0", "--max_tokens=4", "--variants=today,uncopied", "--cold",
+                        launcher=[sys.executable], cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.findall(r"^\[scoring\] (\w+):", result.stdout, re.MULTILINE) == ["today", "uncopied", "baseline"]
+    assert re.search(r"^\d+ rows of .* cold: one pass, no warm-up;", result.stdout, re.MULTILINE)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the script would run")

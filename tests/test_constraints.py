@@ -96,6 +96,45 @@ def test_the_format_reads_each_piece_of_an_output_as_the_tokenizer_decodes_it(ti
             assert decoder(ids[:end]) == expected  # kept: the second reading is the first's
 
 
+def test_every_training_target_as_the_tokenizer_writes_it_is_a_path_through_the_format(tiny_tokenizer):
+    splits, task = data.load("embedded:e2e-sample")
+    walk = constraints.for_task(tiny_tokenizer, task).format.walk()
+    closing = tiny_tokenizer.convert_tokens_to_ids("],")  # ends a name and starts the next field: one token
+    walked_through_closing = 0
+    for target in splits["train"][data.OUTPUT][:50]:
+        ids = tiny_tokenizer.encode(target, add_special_tokens=False)
+        for end, token in enumerate(ids):
+            assert token in walk(tuple(ids[:end])), (target, tiny_tokenizer.decode(ids[:end + 1]))
+        walked_through_closing += closing in ids
+        assert tiny_tokenizer.eos_token_id in walk(tuple(ids))  # and it may end there
+    assert walked_through_closing > 10
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2-style tokenizer: `▁` for a space, bytes it has no token for as `<0x..>` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    bpe.train_from_iterator(["name[The Punter], near[Avalon]"] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "</s>", *bytes_]))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
+def test_each_tokens_bytes_are_what_it_adds_to_the_text(kind, tiny_tokenizer):
+    tokenizer = tiny_tokenizer if kind == "byte-level" else sentencepiece_style_tokenizer()
+    pieces = constraints._token_bytes(tokenizer)
+    text = "name[The Punter], near[Café Sicilia £20]"  # é and £ are bytes the sentencepiece one has no token for
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    written = b"".join(pieces[t] for t in ids)
+    assert written == (text if kind == "byte-level" else " " + text).encode()  # Metaspace starts with a space
+
+
 @pytest.fixture(scope="module")
 def wild_model(tiny_model, tiny_tokenizer):
     """The tiny random Llama with large weights: left alone it writes anything."""
