@@ -128,10 +128,10 @@ def train_seconds(model, rows, collator, args, **overrides) -> float:
         return trainer(model, rows, collator, args, out, **overrides).train().metrics["train_runtime"]
 
 
-def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
+def matmul_peak(dtype: torch.dtype, device: str, sizes: tuple[int, ...] = (1024, 2048), seconds: float = 3.0) -> float:
     """Best FLOP/s of square matmuls on this machine, in the training dtype."""
     best = 0.0
-    for n in (1024, 2048):
+    for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b
         start, count = time.perf_counter(), 0
@@ -181,7 +181,7 @@ def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
         ours.append(useful / train_seconds(model, rows, collate, args))
     summary("useful_tokens_per_s", ours, seed, " tok/s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device)
+    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device, args.peak_sizes)
     lora = hasattr(model, "peft_config")
     flops = [training_flops(model, rows, lora) * t / useful for t in ours]  # FLOP/s of each repeat
     summary("mfu", [f / 1e12 for f in flops], [peak / 1e12], " TFLOP/s")
@@ -267,7 +267,8 @@ def measure_levers(model, tokenizer, train, args) -> None:
     for _ in range(args.repeats):
         for name in levers:
             seconds[name].append(run(name))
-    peaks = {dtype: matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu") for dtype in (torch.float32, torch.bfloat16)}
+    peaks = {dtype: matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu", args.peak_sizes)
+             for dtype in (torch.float32, torch.bfloat16)}
     default = [useful / t for t in seconds["default"]]
     for name in levers:
         dtype = torch.bfloat16 if name == "bf16_autocast" or args.bf16 else torch.float32
@@ -420,11 +421,13 @@ def main() -> int:
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma list for measure 6, of {', '.join(LEVERS)}")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs, not the speed")
     args = parser.parse_args()
+    args.peak_sizes = (1024, 2048)  # the MFU's matmul peak: square products of these sizes
     if unknown := sorted(set(args.levers.split(",")) - set(LEVERS)):
         parser.error(f"unknown lever {', '.join(unknown)} (see --help)")
     if args.quick:
         args.steps, args.tracking_steps, args.save_steps, args.repeats, args.tracking_batch_size = 2, 2, 2, 1, 1
         args.batch_size, args.generation_rows, args.max_tokens = 2, 4, 8
+        args.peak_sizes = (256,)  # a 2048-wide bf16 product takes minutes on a CPU without bf16 instructions
 
     from databricks_llm import data
 
