@@ -23,7 +23,7 @@ from typing import Any, Callable
 import datasets
 import mlflow
 
-from databricks_llm import data, models, runs, tracking, validation
+from databricks_llm import data, models, runs, runtime, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
@@ -148,6 +148,8 @@ def _parse(argv: list[str] | None) -> tuple[EvaluateArguments, Task]:
     check_settings(0.0, args.max_tokens, prefix="--")
     if args.dtype not in models.INFERENCE_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(models.INFERENCE_DTYPES)} (got {args.dtype})")
+    if args.dtype == "bfloat16":
+        runtime.warn_if_bf16_is_slow("--dtype=bfloat16")
     if args.register_best and not args.compare_run:
         raise InputError("--register_best needs --compare_run")
     if not args.compare_run and not is_mlflow_model(args.model_uri):

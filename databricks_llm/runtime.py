@@ -128,9 +128,27 @@ def check_precision(fp16: bool, bf16: bool) -> None:
     if fp16 and bf16:
         raise InputError("--fp16 and --bf16 are mutually exclusive; pick one")
     if fp16 and not torch.cuda.is_available():
-        raise InputError("--fp16 needs a CUDA GPU (none found); use --bf16 on CPU or drop the flag")
+        raise InputError("--fp16 needs a CUDA GPU (none found); drop the flag")
     if bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise InputError("--bf16 is not supported by this GPU; use --fp16")
+    if bf16:
+        warn_if_bf16_is_slow("--bf16")
+
+
+def cpu_bf16_is_slow() -> bool:
+    """True on an x86 CPU without AVX512-BF16 or AMX (and no GPU), where bf16 matrix products take a
+    fallback path: on one 2-core AVX2 machine 0.9 GFLOP/s against 55 in float32 (docs/benchmarks.md)."""
+    import platform
+
+    return (not torch.cuda.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+            and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def warn_if_bf16_is_slow(flag: str) -> None:
+    """A job asked for bf16 where it runs many times slower than float32: it still runs, but says so."""
+    if cpu_bf16_is_slow():
+        print(f"warning: {flag} on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times slower "
+              "than float32; leave it off here", file=sys.stderr, flush=True)
 
 
 def check_4bit() -> None:

@@ -143,3 +143,22 @@ def test_unreachable_tracking_server_is_given_up_after_one_retry_before_the_mode
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking at {url} is not usable")
     assert 1 <= len(contacts) <= 2, contacts
     assert "Loading weights" not in result.stderr
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_runs_but_says_it_is_slow_there(capsys, monkeypatch, slow):
+    from databricks_llm import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: slow)
+    runtime.check_precision(fp16=False, bf16=True)
+    err = capsys.readouterr().err
+    assert (err == "warning: --bf16 on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times "
+                   "slower than float32; leave it off here\n") if slow else err == ""
+
+
+def test_evaluate_in_bf16_on_such_a_cpu_says_so_too(capsys, monkeypatch, tiny_model, tmp_path):
+    from databricks_llm import evaluate, runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: True)
+    evaluate._parse([f"--model_uri={tiny_model}", f"--job_dir={tmp_path}", "--dtype=bfloat16"])
+    assert capsys.readouterr().err.startswith("warning: --dtype=bfloat16 on this CPU (no AVX512-BF16 or AMX)")
