@@ -145,8 +145,9 @@ def cpu_bf16_is_slow() -> bool:
 
 
 def warn_if_bf16_is_slow(flag: str) -> None:
-    """A job asked for bf16 where it runs many times slower than float32: it still runs, but says so."""
-    if cpu_bf16_is_slow():
+    """A job asked for bf16 where it runs many times slower than float32: it still runs, but says so
+    (once, from rank 0: every rank of a launched job parses the same flags)."""
+    if Process.current().is_main and cpu_bf16_is_slow():
         print(f"warning: {flag} on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times slower "
               "than float32; leave it off here", file=sys.stderr, flush=True)
 

@@ -156,6 +156,15 @@ def test_bf16_on_a_cpu_without_bf16_instructions_runs_but_says_it_is_slow_there(
                    "slower than float32; leave it off here\n") if slow else err == ""
 
 
+def test_only_rank_0_of_a_launched_job_says_so(capsys, monkeypatch):
+    from databricks_llm import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: True)
+    monkeypatch.setenv("RANK", "1")
+    runtime.check_precision(fp16=False, bf16=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_evaluate_in_bf16_on_such_a_cpu_says_so_too(capsys, monkeypatch, tiny_model, tmp_path):
     from databricks_llm import evaluate, runtime
 
