@@ -151,7 +151,7 @@ def test_trl_peer_benchmark_quick_mode_prints_both_ratios(tiny_model):
     assert SUMMARY.findall(result.stdout) == ["useful_tokens_per_s", "seconds_per_step"]
 
 
-def test_label_ambiguity_counts_wordings_labelled_two_ways_and_synonym_only_errors(tmp_path):
+def test_label_ambiguity_counts_wordings_labelled_two_ways_keys_given_twice_and_synonym_only_errors(tmp_path):
     import csv
     import json
 
@@ -162,7 +162,8 @@ def test_label_ambiguity_counts_wordings_labelled_two_ways_and_synonym_only_erro
     cheap, under_20 = "name[A], priceRange[cheap]", "name[A], priceRange[less than £20]"
     write("train-fixed.no-ol.csv", [("A is cheap.", cheap)] * 3 + [("A is cheap.", under_20)])
     write("devel-fixed.no-ol.csv", [("A is cheap.", cheap)])  # else data.load holds out training rows
-    write("test-fixed.csv", [("A is cheap.", cheap), ("A is cheap.", under_20)])
+    write("test-fixed.csv", [("A is cheap.", cheap), ("A is cheap.", under_20),
+                             ("A is a pub and a coffee shop.", "name[A], eatType[pub], eatType[coffee shop]")])
     table = {"columns": ["input", "reference", "prediction"],
              "data": [["A is cheap.", cheap, cheap], ["A is cheap.", under_20, cheap]]}
     (tmp_path / "predictions.json").write_text(json.dumps(table), encoding="utf-8")
@@ -171,7 +172,8 @@ def test_label_ambiguity_counts_wordings_labelled_two_ways_and_synonym_only_erro
                         launcher=[sys.executable], cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^priceRange\s+cheap\s+4\s+cheap 0.75, less than £20 0.25\s+2\s+0.50$", result.stdout, re.MULTILINE)
-    assert "1 of 2 (0.500); exact match above 0.500 needs cues beyond the wording" in result.stdout
+    assert "their wording: 1 of 3 (0.333)\ntest rows whose reference gives a key twice: 1 (0.333); either: 2 (0.667)\n" \
+           "exact match above 0.667 needs cues beyond the wording; above 0.333 with no key twice, too" in result.stdout
     assert "2 rows, exact match 0.500; with synonym labels taken as equal 1.000 (1 records" in result.stdout
     missing = run_module(script, f"--dataset={tmp_path / 'nowhere'}", launcher=[sys.executable], cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
