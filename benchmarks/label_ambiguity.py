@@ -25,7 +25,7 @@ from pathlib import Path
 
 from databricks_llm import data
 from databricks_llm.errors import InputError
-from databricks_llm.scoring import exact, pairs
+from databricks_llm.scoring import exact, key_counts, pairs
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e_nlg" / "cleaned"
 WORDINGS = {  # slot: (wording, regex over the input text)
@@ -78,7 +78,7 @@ def out_of_reach(test: list[tuple[str, str]], majorities: dict[tuple[str, str], 
                     if (slot, name) in majorities and re.search(pattern, text, re.IGNORECASE)}
             if used and label(mr, slot) not in used:
                 by_wording.add(row)
-        if max(Counter(k for k, _ in pairs(mr, "slots").elements()).values(), default=0) > 1:
+        if max(key_counts(pairs(mr, "slots")).values(), default=0) > 1:
             twice.add(row)
     n, union = len(test), by_wording | twice
     print(f"\ntest rows whose priceRange or customer rating label is not the usual label of their wording: "

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter
 
 from databricks_llm import sample_data
-from databricks_llm.scoring import E2E_SLOTS, exact, pairs, parse_json, parse_mr, score
+from databricks_llm.scoring import E2E_SLOTS, exact, key_counts, pairs, parse_json, parse_mr, score
 
 ERROR_TYPES = ("unparseable", "missing", "invented", "wrong_value", "duplicated_key", "out_of_vocabulary")
 CLOSED_AT_MOST = 12
@@ -55,7 +55,7 @@ def record_errors(output_format: str, prediction: str, reference: str,
     pred = pairs(prediction, output_format)
     if pred == ref:
         return []
-    pred_keys, ref_keys = Counter(k for k, _ in pred.elements()), Counter(k for k, _ in ref.elements())
+    pred_keys, ref_keys = key_counts(pred), key_counts(ref)
     faults = [("missing", k) for k in ref_keys if k not in pred_keys]
     faults += [("invented", k) for k in pred_keys if k not in ref_keys]
     duplicated = [k for k, n in pred_keys.items() if n > max(1, ref_keys.get(k, 0))]

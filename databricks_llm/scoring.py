@@ -95,6 +95,11 @@ def _tokens(text: object) -> list[str]:
     return _norm(text).lower().split() if isinstance(text, str) else []
 
 
+def key_counts(value_pairs: Counter) -> Counter:
+    """How often each key occurs among an output's pairs (a key given twice counts 2)."""
+    return Counter(key for key, _ in value_pairs.elements())
+
+
 def exact(output_format: str, prediction: object, reference: object) -> bool:
     """Exact match: the same multiset of normalised pairs (slots, json), the same words (text)."""
     if output_format == "text":
