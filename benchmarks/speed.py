@@ -101,7 +101,15 @@ def seed_style(row: dict, pad: int) -> dict:
 def trainer(model, rows, collator, args, out: str, **overrides):
     from transformers import Trainer, TrainingArguments
 
-    from databricks_llm.generation import cache_argument, prefix_cache
+    from transformers import DynamicCache
+
+    from databricks_llm.generation import cache_argument
+
+    def prefix_cache(model, prefix: torch.Tensor):
+        """Keys and values of `prefix` (token ids, 1 x P), for the rows that start with it."""
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prefix, use_cache=True, **{cache_argument(model): cache})
+        return cache
 
     class PrefixSharingTrainer(Trainer):
         """Takes `shared_prefix_batch`'s batches too: their prefix runs once, with gradients, and
@@ -199,12 +207,16 @@ def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
             "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
-def common_prompt_start(rows: list[dict]) -> list[int]:
-    """The prompt tokens every row starts with, as scoring shares them (`generation.shared_prefix`)."""
+def common_prompt_start(rows: list[dict], minimum: int = 16) -> list[int]:
+    """The prompt tokens every row starts with, less one so each row keeps a token of its own;
+    empty when shorter than `minimum` (not worth a cache)."""
     from databricks_llm.data import first_target
-    from databricks_llm.generation import shared_prefix
 
-    return shared_prefix([r["input_ids"][:first_target(r["labels"])] for r in rows])
+    prompts = [r["input_ids"][:first_target(r["labels"])] for r in rows]
+    length = min(map(len, prompts)) - 1
+    for prompt in prompts[1:]:
+        length = next((i for i in range(length) if prompt[i] != prompts[0][i]), length)
+    return prompts[0][:length] if length >= minimum and len(prompts) > 1 else []
 
 
 def shared_prefix_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

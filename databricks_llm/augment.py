@@ -10,7 +10,6 @@ an invented name. The invented names never include the unseen-names test set's (
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -18,7 +17,7 @@ import datasets
 
 from databricks_llm.constraints import Schema
 from databricks_llm.data import INPUT, OUTPUT
-from databricks_llm.scoring import parse_mr
+from databricks_llm.formats import OutputFormat, of
 from databricks_llm.task import Task
 
 _WORDS = ["Velvet", "Crooked", "Silver", "Amber", "Rusty", "Hidden", "Painted", "Twisted", "Grand", "Sleepy", "Merry",
@@ -45,24 +44,20 @@ def invented_name(rng: random.Random) -> str:
 
 def open_fields(task: Task) -> set[str]:
     """The task's fields without a closed vocabulary (none for text tasks or without a schema)."""
-    if not task.schema or task.output_format not in ("slots", "json"):
+    if not task.schema:  # text tasks have none
         return set()
     schema = Schema.from_json(task.schema)
     kinds = dict(schema.kinds)
     return {f for f in schema.fields if f not in dict(schema.closed) and kinds.get(f, "string") == "string"}
 
 
-def substitute(text: str, target: str, output_format: str, fields: set[str], rng: random.Random) -> tuple[str, str]:
+def substitute(text: str, target: str, fmt: OutputFormat | str, fields: set[str],
+               rng: random.Random) -> tuple[str, str]:
     """`text` and `target` with each open value found verbatim in `text` replaced by an invented
     name (longest values first, so a name inside another is not split); the rest unchanged."""
-    if output_format == "slots":
-        values = {v for k, v in parse_mr(target) if k in fields}
-    else:
-        try:
-            parsed = json.loads(target)
-        except json.JSONDecodeError:
-            return text, target
-        values = {v for k, v in parsed.items() if k in fields and isinstance(v, str)} if isinstance(parsed, dict) else set()
+    fmt = of(fmt)
+    record = fmt.parse(target) or []
+    values = {v for k, v in record if k in fields and isinstance(v, str)}
     swaps: dict[str, str] = {}
     for value in sorted((v for v in values if v and v in text), key=len, reverse=True):
         after_the = re.search(rf"\bthe {re.escape(value)}", text, re.IGNORECASE) is not None
@@ -74,12 +69,7 @@ def substitute(text: str, target: str, output_format: str, fields: set[str], rng
         return text, target
     pattern = re.compile("|".join(re.escape(v) for v in swaps))
     text = pattern.sub(lambda m: swaps[m.group(0)], text)
-    if output_format == "slots":
-        target = pattern.sub(lambda m: swaps[m.group(0)], target)
-    else:
-        target = json.dumps({k: swaps.get(v, v) if k in fields and isinstance(v, str) else v for k, v in parsed.items()},
-                            ensure_ascii=False)
-    return text, target
+    return text, fmt.render([(k, swaps.get(v, v) if k in fields and isinstance(v, str) else v) for k, v in record])
 
 
 def augment_names(train: datasets.Dataset, task: Task, fraction: float, seed: int) -> tuple[datasets.Dataset, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.errors import InputError, first_line
-from databricks_llm.generation import STRUCTURED_DEFAULT
+from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.task import Task
 from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range

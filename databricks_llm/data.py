@@ -21,11 +21,9 @@ import datasets
 import pandas as pd
 import torch
 
-from databricks_llm import constraints, sample_data
+from databricks_llm import constraints, formats, sample_data
 from databricks_llm.errors import InputError, first_line
-from databricks_llm.scoring import parse_json, parse_mr
-from databricks_llm.task import (E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS,
-                                 LEGACY_PROMPT_VERSION, TASK_FILE, Task)
+from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_INSTRUCTIONS, GENERIC_INSTRUCTIONS, LEGACY_PROMPT_VERSION, TASK_FILE, Task
 from databricks_llm.validation import looks_like_path
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
@@ -186,34 +184,28 @@ def _normalise(split: str, ds: datasets.Dataset, source: str, columns: tuple[str
     return kept
 
 
-def _detect_format(targets: list[str]) -> str:
-    if all(parse_json(t) is not None for t in targets):
-        return "json"
-    return "slots" if all(parse_mr(t) for t in targets) else "text"
-
-
-def _in_format(split: str, ds: datasets.Dataset, output_format: str, source: str) -> datasets.Dataset:
-    """Targets checked against the output format; JSON targets rewritten compactly (one spelling for
-    the model to learn), slot targets turned into JSON objects when the task asks for JSON."""
-    if output_format == "text":
-        return ds
-
+def _in_format(split: str, ds: datasets.Dataset, fmt: formats.OutputFormat, source: str) -> datasets.Dataset:
+    """Targets checked against the output format and written in its one spelling (JSON compactly;
+    slot targets as JSON objects when the task asks for JSON)."""
     def convert(row: dict, index: int) -> dict[str, str]:
-        target = row[OUTPUT]
-        if output_format == "slots":
-            if not parse_mr(target):
-                raise InputError(f"dataset {source} split '{split}' row {index}: target has no key[value] pair "
-                                 f"(--output_format=slots): {target[:80]!r}")
-            return {OUTPUT: target}
-        value = parse_json(target)
-        if value is None and parse_mr(target):
-            value = dict(parse_mr(target))
-        if value is None:
-            raise InputError(f"dataset {source} split '{split}' row {index}: target is not a JSON object "
-                             f"(--output_format=json): {target[:80]!r}")
-        return {OUTPUT: json.dumps(value, ensure_ascii=False)}
+        target = fmt.target(row[OUTPUT])
+        if target is None:
+            raise InputError(f"dataset {source} split '{split}' row {index}: target {fmt.unlike} "
+                             f"(--output_format={fmt.name}): {row[OUTPUT][:80]!r}")
+        return {OUTPUT: target}
 
     return ds.map(convert, with_indices=True, desc="targets")
+
+
+def _in_order(ds: datasets.Dataset, fmt: formats.OutputFormat, fields: tuple[str, ...]) -> datasets.Dataset:
+    """Targets with their fields in `fields`' order: one order for every target, so that structured
+    decoding can allow each field at most once whatever order the data gave them in."""
+    rank = {key: i for i, key in enumerate(fields)}
+
+    def reorder(row: dict) -> dict[str, str]:
+        return {OUTPUT: fmt.render(sorted(fmt.parse(row[OUTPUT]) or (), key=lambda item: rank.get(item[0], len(rank))))}
+
+    return ds.map(reorder, desc="field order")
 
 
 def _instruction(task: Task, columns: tuple[str, str], output_format: str, systems: set[str]) -> str:
@@ -225,9 +217,8 @@ def _instruction(task: Task, columns: tuple[str, str], output_format: str, syste
                          "give the one instruction for all with --instruction")
     if systems and (system := next(iter(systems))):
         return system
-    if columns[0] in E2E_INPUTS and columns[1] in E2E_OUTPUTS and output_format != "text":
-        return E2E_INSTRUCTION if output_format == "slots" else E2E_JSON_INSTRUCTION
-    return GENERIC_INSTRUCTIONS[output_format]
+    e2e = columns[0] in E2E_INPUTS and columns[1] in E2E_OUTPUTS
+    return (E2E_INSTRUCTIONS if e2e else GENERIC_INSTRUCTIONS).get(output_format, GENERIC_INSTRUCTIONS[output_format])
 
 
 def check_source(dataset: str) -> None:
@@ -279,13 +270,15 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
               for k, v in raw.items()}  # each split's own names: files may differ
     systems = set(splits[main]["system"]) if columns[0] == CHAT_COLUMN else set()
     splits = {k: v.remove_columns("system") if "system" in v.column_names else v for k, v in splits.items()}
-    output_format = task.output_format or _detect_format(splits[main][OUTPUT])
-    splits = {k: _in_format(k, v, output_format, dataset) for k, v in splits.items()}
-    task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=output_format,
-                               instruction=_instruction(task, columns, output_format, systems))
+    fmt = formats.of(task.output_format) if task.output_format else formats.detect(splits[main][OUTPUT])
+    splits = {k: _in_format(k, v, fmt, dataset) for k, v in splits.items()}
+    task = dataclasses.replace(task, input_column=columns[0], output_column=columns[1], output_format=fmt.name,
+                               instruction=_instruction(task, columns, fmt.name, systems))
     if task.schema is None and "train" in splits:
-        schema = constraints.schema_of(output_format, splits["train"][OUTPUT], splits["train"][INPUT])
+        schema = constraints.schema_of(fmt, splits["train"][OUTPUT], splits["train"][INPUT])
         task = dataclasses.replace(task, schema=schema.to_json() if schema else None)
+        if schema and not schema.ordered:
+            splits = {k: _in_order(v, fmt, schema.fields) for k, v in splits.items()}
     if "validation" not in splits and "train" in splits:
         try:
             held = splits["train"].train_test_split(test_size=validation_fraction, seed=seed)
@@ -397,8 +390,13 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int,
         keep = min(width, 1 + max(len(f["labels"]) - first_target(f["labels"]) for f in features))  # +1: the logit before
         batch["labels"] = batch["labels"][:, -keep:]
         batch["logits_to_keep"] = torch.arange(width - keep, width)  # indices, not a count: a contiguous copy
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["position_ids"] = positions(batch["attention_mask"])
     return batch
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from an attention mask: each row counts from 0 at its first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:

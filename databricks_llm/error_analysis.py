@@ -8,7 +8,7 @@ Types, per record (slots and json tasks; a text task's wrong record is one `wron
 - `wrong_value`: a field in both, with another value;
 - `duplicated_key`: a field the output gives more often than the reference;
 - `out_of_vocabulary`: a value outside the field's closed vocabulary (E2E's six closed slots, or
-  any field with at most `CLOSED_AT_MOST` distinct values over at least 3 times as many references).
+  any field that `formats.closed_fields` finds closed in the references).
 
 The report also counts the faults with their values, as scoring normalises them (values in lower case):
 `most_common_faults` such as `near[raja indian cuisine] missing` or `priceRange: less than £20 -> cheap`.
@@ -20,39 +20,41 @@ from __future__ import annotations
 
 from collections import Counter
 
-from databricks_llm import sample_data
-from databricks_llm.scoring import E2E_SLOTS, exact, key_counts, pairs, parse_json, parse_mr, score
+from databricks_llm.formats import OutputFormat, closed_fields, of
+from databricks_llm.scoring import E2E_SLOTS, E2E_VOCABULARY, key_counts, score
 
 ERROR_TYPES = ("unparseable", "missing", "invented", "wrong_value", "duplicated_key", "out_of_vocabulary")
-CLOSED_AT_MOST = 12
 MOST_COMMON_FAULTS = 20
-E2E_VOCABULARY = {
-    "eatType": sample_data.EAT_TYPES, "food": sample_data.FOODS, "priceRange": list(sample_data.PRICES),
-    "customer rating": list(sample_data.RATINGS), "area": list(sample_data.AREAS), "familyFriendly": ["yes", "no"],
-}
+Parsed = tuple[list, list]  # each prediction's and reference's pairs (`OutputFormat.pairs`)
 
 
-def closed_vocabulary(output_format: str, references: list[str]) -> dict[str, set[str]]:
+def closed_vocabulary(fmt: OutputFormat | str, references: list[str]) -> dict[str, set[str]]:
     """The fields whose values come from a small closed set, with that set (normalised values)."""
+    return _closed([of(fmt).pairs(r) for r in references])
+
+
+def _closed(references: list[Counter | None]) -> dict[str, set[str]]:
     seen: dict[str, Counter] = {}
-    for reference in references:
-        for (key, value), count in pairs(reference, output_format).items():
+    for pairs in references:
+        for (key, value), count in (pairs or Counter()).items():
             seen.setdefault(key, Counter())[value] += count
     if seen and set(seen) <= set(E2E_SLOTS):  # an E2E task: its six closed slots, whatever this sample holds
         return {key: {v.lower() for v in values} for key, values in E2E_VOCABULARY.items()}
-    return {key: set(values) for key, values in seen.items()
-            if len(values) <= CLOSED_AT_MOST and sum(values.values()) >= 3 * len(values)}
+    return {key: set(values) for key, values in closed_fields(seen).items()}
 
 
-def record_errors(output_format: str, prediction: str, reference: str,
+def record_errors(fmt: OutputFormat | str, prediction: str, reference: str,
                   vocabulary: dict[str, set[str]]) -> list[tuple[str, str]]:
     """(error type, field) of every fault of one record; empty when it is right."""
-    if output_format == "text":
-        return [] if exact("text", prediction, reference) else [("wrong_value", "text")]
-    ref = pairs(reference, output_format)
-    if not _parses(output_format, prediction):
+    fmt = of(fmt)
+    if not fmt.keyed:
+        return [] if fmt.exact(prediction, reference) else [("wrong_value", "text")]
+    return _faults(fmt.pairs(prediction), fmt.pairs(reference) or Counter(), vocabulary)
+
+
+def _faults(pred: Counter | None, ref: Counter, vocabulary: dict[str, set[str]]) -> list[tuple[str, str]]:
+    if pred is None:
         return [("unparseable", "")] if ref else []
-    pred = pairs(prediction, output_format)
     if pred == ref:
         return []
     pred_keys, ref_keys = key_counts(pred), key_counts(ref)
@@ -66,14 +68,16 @@ def record_errors(output_format: str, prediction: str, reference: str,
     return faults
 
 
-def value_faults(output_format: str, prediction: str, reference: str) -> list[str]:
+def value_faults(fmt: OutputFormat | str, prediction: str, reference: str) -> list[str]:
     """The fields a parsed output got wrong, with their values: `key[value] missing`, `key[value]
     invented` or `key: reference value -> output value`; empty for text tasks and unparseable output."""
-    if output_format == "text":
+    fmt = of(fmt)
+    return _value_faults(fmt.pairs(prediction), fmt.pairs(reference) or Counter()) if fmt.keyed else []
+
+
+def _value_faults(pred: Counter | None, ref: Counter) -> list[str]:
+    if pred is None:
         return []
-    if not _parses(output_format, prediction):
-        return []
-    pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
     faults = []
     for key in dict.fromkeys(k for k, _ in [*ref.elements(), *pred.elements()]):
         want, got = _values(ref, key), _values(pred, key)
@@ -86,36 +90,48 @@ def value_faults(output_format: str, prediction: str, reference: str) -> list[st
     return faults
 
 
-def _parses(output_format: str, prediction: str) -> bool:
-    """Whether the output is one JSON object (json) or holds a `key[value]` pair (slots)."""
-    return parse_json(prediction) is not None if output_format == "json" else bool(parse_mr(prediction))
-
-
 def _values(counted: Counter, key: str) -> Counter:
     return Counter(v for (k, v) in counted.elements() if k == key)
 
 
-def error_report(output_format: str, predictions: list[str], references: list[str]) -> dict:
+def error_report(fmt: OutputFormat | str, predictions: list[str], references: list[str],
+                 parsed: Parsed | None = None) -> dict:
     """Counts per error type and per (type, field), and each record's faults as `type:field` text."""
-    vocabulary = closed_vocabulary(output_format, references)
-    by_type, by_field, by_value, per_record = Counter(), {t: Counter() for t in ERROR_TYPES}, Counter(), []
-    for prediction, reference in zip(predictions, references):
-        faults = record_errors(output_format, prediction, reference, vocabulary)
-        by_type.update(kind for kind, _ in faults)
-        for kind, key in faults:
+    fmt = of(fmt)
+    if not fmt.keyed:
+        faults = [[] if fmt.exact(p, r) else [("wrong_value", "text")] for p, r in zip(predictions, references)]
+        return _report(faults, [[] for _ in faults])
+    preds, refs = parsed or _parsed(fmt, predictions, references)
+    refs = [r or Counter() for r in refs]
+    vocabulary = _closed(refs)
+    faults = [_faults(p, r, vocabulary) for p, r in zip(preds, refs)]
+    return _report(faults, [_value_faults(p, r) if f else [] for p, r, f in zip(preds, refs, faults)])
+
+
+def _parsed(fmt: OutputFormat, predictions: list[str], references: list[str]) -> Parsed:
+    return [fmt.pairs(p) for p in predictions], [fmt.pairs(r) for r in references]
+
+
+def _report(faults: list[list[tuple[str, str]]], values: list[list[str]]) -> dict:
+    by_type, by_field, by_value = Counter(), {t: Counter() for t in ERROR_TYPES}, Counter()
+    for record, record_values in zip(faults, values):
+        by_type.update(kind for kind, _ in record)
+        for kind, key in record:
             by_field[kind][key] += 1
-        if faults:
-            by_value.update(value_faults(output_format, prediction, reference))
-        per_record.append(", ".join(f"{kind}:{key}" if key else kind for kind, key in faults))
+        by_value.update(record_values)
+    per_record = [", ".join(f"{kind}:{key}" if key else kind for kind, key in record) for record in faults]
     return {"errors": {t: by_type[t] for t in ERROR_TYPES},
             "errors_by_field": {t: dict(c.most_common()) for t, c in by_field.items() if c},
             "most_common_faults": by_value.most_common(MOST_COMMON_FAULTS),
             "wrong_records": sum(1 for r in per_record if r), "per_record": per_record}
 
 
-def scores_and_errors(output_format: str, predictions: list[str], references: list[str]) -> dict:
-    """The task's scores (`scoring.score`) and this error report in one dict, as evaluations log them."""
-    return {**score(output_format, predictions, references), **error_report(output_format, predictions, references)}
+def scores_and_errors(fmt: OutputFormat | str, predictions: list[str], references: list[str]) -> dict:
+    """The task's scores (`scoring.score`) and this error report in one dict, as evaluations log
+    them; each record is parsed once for both."""
+    fmt = of(fmt)
+    parsed = _parsed(fmt, predictions, references) if fmt.keyed else None
+    return {**score(fmt, predictions, references, parsed), **error_report(fmt, predictions, references, parsed)}
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -29,7 +29,8 @@ from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
 from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
 from databricks_llm.models import EMBEDDED_MODEL
-from databricks_llm.scoring import exact, metric_dict
+from databricks_llm.formats import of
+from databricks_llm.scoring import metric_dict
 from databricks_llm.task import E2E, Task
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE
 
@@ -89,7 +90,7 @@ def score_model(uri: str, task: Task, inputs: list[str], references: list[str], 
                            structured=structured, progress=progress_printer(uri, len(inputs)))
     result = scores_and_errors(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
-    parsed = f", JSON parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
+    parsed = f", parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
     print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)
     print("\n".join(summary_lines(result)), flush=True)
     return result
@@ -185,8 +186,8 @@ def _run(argv: list[str] | None) -> None:
                            "structured_decoding": args.structured_decoding, **task.params()})
         for row in rows:
             suffix = f"_{row['name']}" if args.compare_run else ""
-            mlflow.log_metrics(metric_dict(row, "", task.output_format), step=row.get("step", 0))
-            correct = [exact(task.output_format, p, r) for p, r in zip(row["predictions"], references)]
+            mlflow.log_metrics(metric_dict(row, "", of(task.output_format)), step=row.get("step", 0))
+            correct = [of(task.output_format).exact(p, r) for p, r in zip(row["predictions"], references)]
             mlflow.log_table({"input": inputs, "reference": references, "prediction": row["predictions"],
                               "correct": correct, "errors": row["per_record"]}, artifact_file=f"predictions{suffix}.json")
             report = ("errors", "errors_by_field", "most_common_faults", "wrong_records")

@@ -11,6 +11,8 @@ import json
 import random
 import re
 
+from databricks_llm.scoring import E2E_VOCABULARY
+
 NAMES = [
     "The Punter", "The Eagle", "The Mill", "Alimentum", "Aromi", "Bibimbap House",
     "Blue Spice", "Browns Cambridge", "Clowns", "Cocum", "Cotto", "Fitzbillies",
@@ -27,8 +29,8 @@ NEAR = [
     "The Six Bells", "The Sorrento", "Yippee Noodle Bar", "All Bar One", "Avalon",
     "Clare Hall",
 ]
-EAT_TYPES = ["coffee shop", "pub", "restaurant"]
-FOODS = ["Chinese", "English", "Fast food", "French", "Indian", "Italian", "Japanese"]
+EAT_TYPES = list(E2E_VOCABULARY["eatType"])
+FOODS = list(E2E_VOCABULARY["food"])
 PRICES = {
     "cheap": "cheap",
     "less than £20": "costs less than £20",

@@ -1,11 +1,12 @@
-"""Scoring extraction outputs by the task's output format.
+"""Reading extraction outputs and scoring them.
 
-- `slots` (``key[value], ...``): pairs compared with keys matched case-insensitively (spaces
-  collapsed, E2E spellings restored: ``EatType`` -> ``eatType``) and values lower-cased with
-  spaces collapsed (``Café  Sicilia`` == ``café sicilia``), counted as a multiset.
+The readers (`parse_mr`, `parse_json`, `flatten`, `normal`) are what each output format
+(`formats`) is built on; `score` and `metric_dict` take a format and compare its normalised pairs:
+
+- `slots` (``key[value], ...``): keys matched case-insensitively (spaces collapsed, E2E spellings
+  restored: ``EatType`` -> ``eatType``), values lower-cased with spaces collapsed, as a multiset;
 - `json`: the same over flattened key paths (``customer.name``; list items under ``tags[]``) with
-  normalised values (text as above, ``1.0`` == ``1``); outputs that are not one JSON object score no
-  pairs and lower the parse rate.
+  normalised values (``1.0`` == ``1``); outputs that are not one JSON object score no pairs;
 - `text`: exact match after whitespace and case normalisation, and SQuAD-style token F1.
 """
 
@@ -17,6 +18,14 @@ from collections import Counter
 from typing import Any
 
 E2E_SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
+E2E_VOCABULARY = {  # E2E's closed slots and their values, as the cleaned data spells them
+    "eatType": ("coffee shop", "pub", "restaurant"),
+    "food": ("Chinese", "English", "Fast food", "French", "Indian", "Italian", "Japanese"),
+    "priceRange": ("cheap", "less than £20", "moderate", "£20-25", "high", "more than £30"),
+    "customer rating": ("low", "average", "high", "1 out of 5", "3 out of 5", "5 out of 5"),
+    "area": ("city centre", "riverside"),
+    "familyFriendly": ("yes", "no"),
+}
 MAX_FIELDS = 50  # per-field metrics for at most this many fields (the most frequent in the references)
 _CANONICAL = {s.lower(): s for s in E2E_SLOTS}
 _KEY = re.compile(r"(customer\s+rating|[A-Za-z_][A-Za-z0-9_]*)\s*\[", re.IGNORECASE)
@@ -66,7 +75,8 @@ def parse_json(text: object) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _normal(value: Any) -> str:
+def normal(value: Any) -> str:
+    """A value as scoring compares it: text lower-cased with spaces collapsed, 1.0 as 1."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, (int, float)):
@@ -80,31 +90,16 @@ def flatten(value: Any, path: str = "") -> list[tuple[str, str]]:
         return [pair for key, item in value.items() for pair in flatten(item, f"{path}.{key}" if path else str(key))]
     if isinstance(value, list):
         return [pair for item in value for pair in flatten(item, f"{path}[]")]
-    return [(path, _normal(value))]
+    return [(path, normal(value))]
 
 
-def pairs(text: object, output_format: str = "slots") -> Counter:
-    """The normalised (key, value) pairs of an output, as a multiset (none when it does not parse)."""
-    if output_format == "json":
-        value = parse_json(text)
-        return Counter(flatten(value)) if value is not None else Counter()
-    return Counter((key, value.lower()) for key, value in parse_mr(text))
-
-
-def _tokens(text: object) -> list[str]:
+def tokens(text: object) -> list[str]:
     return _norm(text).lower().split() if isinstance(text, str) else []
 
 
 def key_counts(value_pairs: Counter) -> Counter:
     """How often each key occurs among an output's pairs (a key given twice counts 2)."""
     return Counter(key for key, _ in value_pairs.elements())
-
-
-def exact(output_format: str, prediction: object, reference: object) -> bool:
-    """Exact match: the same multiset of normalised pairs (slots, json), the same words (text)."""
-    if output_format == "text":
-        return _tokens(prediction) == _tokens(reference)
-    return pairs(prediction, output_format) == pairs(reference, output_format)
 
 
 def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -114,37 +109,39 @@ def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def score(output_format: str, predictions: list[str], references: list[str]) -> dict:
+def score(fmt: Any, predictions: list[str], references: list[str],
+          parsed: tuple[list, list] | None = None) -> dict:
     """Precision, recall, F1, exact match and per-field F1 (the MAX_FIELDS most frequent fields)
-    of `predictions`; `json` adds `parse_rate`. Micro-averaged over pairs for slots and json,
-    averaged over rows for text."""
+    of `predictions` in format `fmt`, and for keyed formats the share that parses (`parse_rate`).
+    Micro-averaged over pairs for keyed formats, averaged over rows for text. `parsed`: each
+    prediction's and reference's `fmt.pairs`, where the caller has them already."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = len(references)
-    result: dict[str, Any] = {"exact_match": sum(map(exact, [output_format] * n, predictions, references)) / n if n else 0.0,
-                              "n": n, "per_field": {}}
-    if output_format == "text":
+    if not fmt.keyed:
         rows = [_token_f1(p, r) for p, r in zip(predictions, references)]
-        result.update({k: sum(row[i] for row in rows) / n if n else 0.0 for i, k in enumerate(("precision", "recall", "f1"))})
-        return result
-    totals, fields, support = Counter(), {}, Counter()
-    for prediction, reference in zip(predictions, references):
-        pred, ref = pairs(prediction, output_format), pairs(reference, output_format)
+        result = {k: sum(row[i] for row in rows) / n if n else 0.0 for i, k in enumerate(("precision", "recall", "f1"))}
+        return {**result, "exact_match": sum(map(fmt.exact, predictions, references)) / n if n else 0.0,
+                "n": n, "per_field": {}}
+    preds, refs = parsed or ([fmt.pairs(p) for p in predictions], [fmt.pairs(r) for r in references])
+    totals, fields, support, exact = Counter(), {}, Counter(), 0
+    for pred, ref in zip(preds, refs):
+        pred, ref = pred or Counter(), ref or Counter()
+        exact += pred == ref
         for kind, counted in (("tp", pred & ref), ("fp", pred - ref), ("fn", ref - pred)):
             for (key, _), count in counted.items():
                 totals[kind] += count
                 fields.setdefault(key, Counter())[kind] += count
         support.update(key for key, _ in ref.elements())
-    result.update(zip(("precision", "recall", "f1"), _f1(totals["tp"], totals["fp"], totals["fn"])))
+    result: dict[str, Any] = dict(zip(("precision", "recall", "f1"), _f1(totals["tp"], totals["fp"], totals["fn"])))
     kept = [key for key, _ in support.most_common(MAX_FIELDS)]
     result["per_field"] = {key: _f1(fields[key]["tp"], fields[key]["fp"], fields[key]["fn"])[2] for key in kept}
-    if output_format == "json":
-        result["parse_rate"] = sum(parse_json(p) is not None for p in predictions) / n if n else 0.0
-    return result
+    return {**result, "exact_match": exact / n if n else 0.0, "n": n,
+            "parse_rate": sum(p is not None for p in preds) / n if n else 0.0}
 
 
 def _token_f1(prediction: object, reference: object) -> tuple[float, float, float]:
-    pred, ref = Counter(_tokens(prediction)), Counter(_tokens(reference))
+    pred, ref = Counter(tokens(prediction)), Counter(tokens(reference))
     if not pred and not ref:
         return 1.0, 1.0, 1.0
     common = sum((pred & ref).values())
@@ -155,16 +152,12 @@ def _metric_name(field: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.\-/]", "_", field)
 
 
-def metric_dict(scores: dict, prefix: str, output_format: str = "slots") -> dict[str, float]:
-    """Flat MLflow metric names: `<prefix>f1`, `precision`, `recall`, `exact_match`, `f1_<field>`;
-    json adds `json_parse_rate`; slot tasks also keep the older `slot_f1`, `slot_precision`,
-    `slot_recall` and `slot_f1_<slot>` names; an error report adds `errors_<type>` counts."""
-    metrics = {f"{prefix}{k}": scores[k] for k in ("precision", "recall", "f1", "exact_match")}
-    metrics.update({f"{prefix}f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})
-    if "parse_rate" in scores:
-        metrics[f"{prefix}json_parse_rate"] = scores["parse_rate"]
-    metrics.update({f"{prefix}errors_{kind}": count for kind, count in scores.get("errors", {}).items()})
-    if output_format == "slots":
-        metrics.update({f"{prefix}slot_{k}": scores[k] for k in ("precision", "recall", "f1")})
-        metrics.update({f"{prefix}slot_f1_{_metric_name(field)}": v for field, v in scores["per_field"].items()})
-    return metrics
+def metric_dict(scores: dict, prefix: str, fmt: Any) -> dict[str, float]:
+    """Flat MLflow metric names: `<prefix>f1`, `precision`, `recall`, `exact_match`, `f1_<field>`,
+    `parse_rate` (keyed formats), the format's older names (`fmt.metric_aliases`: slots' `slot_f1`,
+    json's `json_parse_rate`), and an error report's `errors_<type>` counts."""
+    named = {k: scores[k] for k in ("precision", "recall", "f1", "exact_match", "parse_rate") if k in scores}
+    named |= {f"f1_{field}": v for field, v in scores["per_field"].items()}
+    named |= fmt.metric_aliases(scores)
+    named |= {f"errors_{kind}": count for kind, count in scores.get("errors", {}).items()}
+    return {f"{prefix}{_metric_name(k)}": v for k, v in named.items()}

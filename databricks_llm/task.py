@@ -24,6 +24,7 @@ E2E_INSTRUCTION = ("Extract the meaning representation of the restaurant descrip
                    "slot[value] pairs.")
 E2E_JSON_INSTRUCTION = ("Extract the meaning representation of the restaurant description as one JSON object "
                         "mapping each slot to its value.")
+E2E_INSTRUCTIONS = {"slots": E2E_INSTRUCTION, "json": E2E_JSON_INSTRUCTION}
 GENERIC_INSTRUCTIONS = {
     "slots": "Extract the fields stated in the text as comma-separated key[value] pairs.",
     "json": "Extract the fields stated in the text as one JSON object.",

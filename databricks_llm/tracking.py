@@ -29,7 +29,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from databricks_llm import runtime, validation
 from databricks_llm.errors import InputError, first_line
-from databricks_llm.generation import STRUCTURED_DEFAULT
+from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 from databricks_llm.runtime import Process
 from databricks_llm.task import Task

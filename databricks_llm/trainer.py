@@ -8,6 +8,7 @@ from typing import Any
 from transformers import Trainer
 
 from databricks_llm.error_analysis import scores_and_errors
+from databricks_llm.formats import of
 from databricks_llm.generation import generate
 from databricks_llm.scoring import metric_dict
 from databricks_llm.task import Task
@@ -53,9 +54,9 @@ class ExtractionTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.generation_eval is not None and "eval_loss" in logs:
             scores = self.generation_eval(self.model)
-            logs.update(metric_dict(scores, "eval_", self.task.output_format))
+            logs.update(metric_dict(scores, "eval_", of(self.task.output_format)))
             if self.is_world_process_zero():
-                parsed = f", JSON parse rate {scores['parse_rate']:.3f}" if "parse_rate" in scores else ""
+                parsed = f", parse rate {scores['parse_rate']:.3f}" if "parse_rate" in scores else ""
                 print(f"[eval] step {self.state.global_step}: F1 {scores['f1']:.3f}, exact match "
                       f"{scores['exact_match']:.3f}{parsed} on {scores['n']} validation rows", flush=True)
         super().log(logs, start_time)

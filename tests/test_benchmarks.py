@@ -114,12 +114,12 @@ def test_quality_benchmark_quick_mode_scores_the_fine_tuned_model_and_its_timed_
 
 def test_scoring_benchmark_prints_each_variant_against_the_baseline(tiny_model):
     result = run_module(str(REPO / "benchmarks" / "scoring.py"), f"--model={tiny_model}", "--dataset=embedded:e2e-sample",
-                        "--rows=6", "--max_tokens=4", "--variants=prefix,structured,uncopied,wholevocab,enforcer,today",
-                        "--reference=wholevocab", launcher=[sys.executable], cwd=REPO, timeout=900)
+                        "--rows=6", "--max_tokens=4", "--variants=hf128,free128,batch32,wide,uncopied,today",
+                        "--reference=wide", launcher=[sys.executable], cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = re.findall(r"^(\w+) +[\d.]+ +[\d.]+\.\.", result.stdout, re.MULTILINE)  # a row per variant
-    assert table == ["baseline", "prefix", "structured", "uncopied", "wholevocab", "enforcer", "today"]
-    assert "'differ': outputs unlike wholevocab's" in result.stdout
+    assert table == ["baseline", "hf128", "free128", "batch32", "wide", "uncopied", "today"]
+    assert "'differ': outputs unlike wide's" in result.stdout
 
 
 def test_scoring_benchmark_cold_runs_each_variant_once_in_the_order_given_and_the_baseline_last(tiny_model):

@@ -9,8 +9,11 @@ import pytest
 
 from databricks_llm import constraints, data
 from databricks_llm.constraints import E2E_SCHEMA, Schema, pattern, schema_of
+from databricks_llm.formats import of
 from databricks_llm.scoring import E2E_SLOTS, parse_mr
 from databricks_llm.task import E2E
+
+SLOTS, JSON = of("slots"), of("json")
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,7 @@ def tickets():
 
 
 def matches(output_format: str, schema: Schema, text: str) -> bool:
-    return re.fullmatch(pattern(output_format, schema), text) is not None
+    return re.fullmatch(pattern(of(output_format), schema), text) is not None
 
 
 def test_e2e_targets_give_the_e2e_order_and_six_closed_slots():
@@ -60,20 +63,37 @@ def test_json_format_is_one_object_with_known_keys_and_closed_values(tickets):
     assert not matches("json", schema, good[:-1])  # unclosed
 
 
-def test_targets_in_two_orders_allow_any_order():
-    schema = schema_of("slots", ["a[1], b[2]", "b[3], a[4]"])
-    assert not schema.ordered and matches("slots", schema, "b[1], a[2]")
-    assert not schema_of("slots", ["a[1], b[2]", "b[1], c[2]", "c[1], a[2]"]).ordered  # a cycle through three
+def test_targets_in_two_orders_get_one_order_that_allows_each_field_once():
+    schema = schema_of(SLOTS, ["a[1], b[2]", "a[5], b[6], c[7]", "b[3], a[4]"])
+    assert not schema.ordered and schema.fields == ("a", "b", "c")  # by mean position: a first in 2 of 3
+    assert matches("slots", schema, "a[1], c[2]") and not matches("slots", schema, "b[1], a[2]")
+    assert not matches("slots", schema, "a[1], a[2]")
+    assert not schema_of(SLOTS, ["a[1], b[2]", "b[1], c[2]", "c[1], a[2]"]).ordered  # a cycle through three
+
+
+def test_data_loading_rewrites_targets_in_disagreeing_orders_into_the_one_order(tmp_path):
+    import pandas as pd
+
+    rows = [{"text": f"row {i}", "label": t} for i, t in
+            enumerate(['{"b": "x", "a": "y"}', '{"a": "y", "b": "x"}', '{"a": "z", "c": "w", "b": "v"}'] * 4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    splits, task = data.load(str(tmp_path))
+    order = Schema.from_json(task.schema).fields
+    for target in splits["train"][data.OUTPUT]:
+        keys = list(json.loads(target))
+        assert keys == sorted(keys, key=order.index)
 
 
 def test_targets_that_never_disagree_keep_one_order():
-    schema = schema_of("slots", ["a[1], b[2]", "b[1], c[2]", "a[3]"])
+    schema = schema_of(SLOTS, ["a[1], b[2]", "b[1], c[2]", "a[3]"])
     assert schema.ordered and schema.fields == ("a", "b", "c")
 
 
-def test_nested_json_targets_have_no_expression_but_still_a_json_constraint():
-    schema = schema_of("json", ['{"a": {"b": 1}}', '{"a": {"b": 2}}'])
-    assert dict(schema.kinds) == {"a": "nested"} and pattern("json", schema) is None
+def test_nested_json_and_label_lists_have_an_expression_too():
+    schema = schema_of(JSON, ['{"a": {"b": 1}, "t": ["x", "y"]}', '{"a": {"b": 2}, "t": ["z"]}'])
+    assert dict(schema.kinds) == {"a": "nested", "t": "list"}
+    assert matches("json", schema, '{"a": {"b": 3, "c": [1, 2]}, "t": ["q", "r"]}')
+    assert not matches("json", schema, '{"a": {"b": 3}, "t": "q"}')
 
 
 def test_models_saved_before_schemas_get_e2e_s_schema():
@@ -87,26 +107,27 @@ def test_text_tasks_have_nothing_to_enforce(tiny_tokenizer):
 
 
 def test_the_format_reads_each_piece_of_an_output_as_the_tokenizer_decodes_it(tiny_tokenizer):
-    decoder = constraints._tokenizer_data(tiny_tokenizer).decoder
+    pieces = constraints.token_bytes(tiny_tokenizer)
     for text in ("name[The Punter], near[Café Sicilia]", "near[Café Sicilia], name[The Punter]"):
-        ids = tiny_tokenizer.encode(text, add_special_tokens=False)  # the same pieces, read in another order
+        ids = tiny_tokenizer.encode(text, add_special_tokens=False)
         for end in range(1, len(ids) + 1):
             expected = tiny_tokenizer.decode(ids[:end]).rstrip("\ufffd")  # a character cut in two reads as nothing yet
-            assert decoder(ids[:end]) == expected
-            assert decoder(ids[:end]) == expected  # kept: the second reading is the first's
+            assert b"".join(pieces[t] for t in ids[:end]).decode("utf-8", "ignore") == expected
 
 
 def test_every_training_target_as_the_tokenizer_writes_it_is_a_path_through_the_format(tiny_tokenizer):
     splits, task = data.load("embedded:e2e-sample")
-    walk = constraints.for_task(tiny_tokenizer, task).format.walk()
+    constraint = constraints.for_task(tiny_tokenizer, task)
     closing = tiny_tokenizer.convert_tokens_to_ids("],")  # ends a name and starts the next field: one token
     walked_through_closing = 0
-    for target in splits["train"][data.OUTPUT][:50]:
+    for source, target in list(zip(splits["train"][data.INPUT], splits["train"][data.OUTPUT]))[:50]:
+        rows = constraint.rows([source])
         ids = tiny_tokenizer.encode(target, add_special_tokens=False)
         for end, token in enumerate(ids):
-            assert token in walk(tuple(ids[:end])), (target, tiny_tokenizer.decode(ids[:end + 1]))
+            assert token in rows.allowed()[0], (target, tiny_tokenizer.decode(ids[:end + 1]))
+            rows.advance([token])
         walked_through_closing += closing in ids
-        assert tiny_tokenizer.eos_token_id in walk(tuple(ids))  # and it may end there
+        assert tiny_tokenizer.eos_token_id in rows.allowed()[0]  # and it may end there
     assert walked_through_closing > 10
 
 
@@ -128,7 +149,7 @@ def sentencepiece_style_tokenizer():
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece-style"])
 def test_each_tokens_bytes_are_what_it_adds_to_the_text(kind, tiny_tokenizer):
     tokenizer = tiny_tokenizer if kind == "byte-level" else sentencepiece_style_tokenizer()
-    pieces = constraints._token_bytes(tokenizer)
+    pieces = constraints.token_bytes(tokenizer)
     text = "name[The Punter], near[Café Sicilia £20]"  # é and £ are bytes the sentencepiece one has no token for
     ids = tokenizer.encode(text, add_special_tokens=False)
     written = b"".join(pieces[t] for t in ids)
@@ -166,10 +187,10 @@ def test_structured_outputs_of_a_random_model_keep_the_format(wild_model, tiny_t
 def test_open_fields_whose_values_the_inputs_spell_out_are_copied():
     inputs = ["Aromi is near Avalon.", "Zizzi is by the river.", "Cotto is near Ranch."]
     targets = ["name[Aromi], near[Avalon]", "name[Zizzi], area[riverside]", "name[Cotto], near[The Ranch]"]
-    schema = schema_of("slots", targets, inputs)
+    schema = schema_of(SLOTS, targets, inputs)
     assert schema.copied == ("name",)  # near: 1 of 2 values is not in its input
     assert Schema.from_json(schema.to_json()) == schema
-    assert schema_of("slots", targets).copied == ()  # no inputs, nothing known
+    assert schema_of(SLOTS, targets).copied == ()  # no inputs, nothing known
     assert Schema.from_json(schema.to_json().replace(', "copied": ["name"]', "")).copied == ()  # saved before
 
 
@@ -198,21 +219,18 @@ def test_copied_values_of_a_random_model_are_pieces_of_their_prompt(wild_model, 
 
 
 def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt_and_end_where_a_word_does(tiny_tokenizer):
-    import torch
-
     from databricks_llm.task import Task
 
     _, task = data.load("embedded:e2e-sample", Task(output_format="json"))
     assert Schema.from_json(task.schema).copied == ("name", "near")
     sentence = "Near Avalon is The Punter, a pub."
-    prompt = data.encode_prompts(tiny_tokenizer, [sentence], task)[0]
 
     def next_texts(text: str) -> list[str]:  # the value so far and each allowed next token, as they read
         written = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-        processor = constraints.for_task(tiny_tokenizer, task).processor(len(prompt))
-        for step in range(len(written) + 1):  # as generate calls it: one token more each time
-            scores = processor(torch.tensor([prompt + written[:step]]), torch.zeros(1, len(tiny_tokenizer)))
-        return [tiny_tokenizer.decode(written + [t])[len('{"name": '):] for t in torch.nonzero(scores[0] == 0).flatten()]
+        rows = constraints.for_task(tiny_tokenizer, task).rows([sentence])
+        for token in written:  # one token a step, as the decoder moves a row
+            rows.advance([token])
+        return [tiny_tokenizer.decode(written + [t])[len('{"name": '):] for t in rows.allowed()[0].tolist()]
 
     allowed = next_texts('{"name": "The P')
     assert any(a.startswith('"The Pu') for a in allowed)  # the name goes on
@@ -221,35 +239,23 @@ def test_a_copied_json_value_may_only_continue_with_text_of_its_prompt_and_end_w
     assert any(a.startswith('"The Punter"') for a in next_texts('{"name": "The Punter'))
 
 
-def test_the_narrow_view_of_a_step_is_the_whole_vocabulary_mask_over_the_only_tokens_allowed(
-        wild_model, tiny_tokenizer, monkeypatch):
-    import torch
+def test_many_optional_fields_in_any_order_never_repeat_a_key_when_decoded(wild_model, tiny_tokenizer, tmp_path):
+    """SNIPS-shaped targets: an intent and up to 39 optional slots in sentence order, so no one
+    order; the targets are rewritten in one and the format allows each key once."""
+    import random
 
-    from databricks_llm import constraints as module
+    import pandas as pd
+
     from databricks_llm.generation import generate
 
-    _, task = data.load("embedded:e2e-sample")
-    steps = []
-    choices = module._FormatProcessor.choices
-
-    def spy(self, ids, *args, **kwargs):
-        steps.append((self, ids.clone()))
-        return choices(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(module._FormatProcessor, "choices", spy)
-    inputs = [row["sentence"] for row in data.sample_data.generate(10, seed=3)]
-    generate(wild_model, tiny_tokenizer, inputs, task=task, max_tokens=40, structured=True)
-    vocabulary = wild_model.get_output_embeddings().weight.shape[0]
-    narrowed = 0
-    for processor, ids in steps:
-        tokens, narrow = choices(processor, ids, vocabulary, at_most=vocabulary)
-        none, dense = choices(processor, ids, vocabulary, at_most=0)
-        assert none is None and dense.shape == (len(ids), vocabulary)
-        if tokens is None:
-            continue
-        narrowed += 1
-        assert torch.equal(narrow, dense[:, tokens])
-        outside = torch.ones(vocabulary, dtype=torch.bool)
-        outside[tokens] = False
-        assert dense[:, outside].all()  # no row may take a token outside the narrow view
-    assert narrowed == len(steps) > 10
+    rng = random.Random(0)
+    slots = [f"slot_{i}" for i in range(39)]
+    rows = [{"text": f"query {i}", "label": json.dumps(
+        {"intent": rng.choice(["Play", "Book"]), **{s: f"v{rng.randrange(99)}" for s in rng.sample(slots, 4)}})}
+        for i in range(200)]
+    pd.DataFrame(rows).to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    splits, task = data.load(str(tmp_path))
+    assert not Schema.from_json(task.schema).ordered
+    for text in generate(wild_model, tiny_tokenizer, splits["test"][data.INPUT][:8], task=task, max_tokens=80):
+        keys = re.findall(r'"([^"]+)": ', text)
+        assert len(keys) == len(set(keys)), text

@@ -6,9 +6,10 @@ import functools
 
 import pytest
 
-from databricks_llm.scoring import exact, flatten, metric_dict, parse_json, parse_mr, score
+from databricks_llm.formats import of
+from databricks_llm.scoring import flatten, metric_dict, parse_json, parse_mr, score
 
-slot_scores = functools.partial(score, "slots")
+slot_scores = functools.partial(score, of("slots"))
 
 REF = "name[The Punter], eatType[coffee shop], food[Chinese], priceRange[high], near[Café Sicilia]"
 
@@ -76,14 +77,14 @@ def test_length_mismatch_is_an_error():
 
 
 def test_metric_names_are_flat_and_mlflow_safe():
-    metrics = metric_dict(slot_scores([REF], [REF]), "eval_")
+    metrics = metric_dict(slot_scores([REF], [REF]), "eval_", of("slots"))
     assert metrics["eval_f1"] == metrics["eval_slot_f1"] == 1.0 and metrics["eval_exact_match"] == 1.0
     assert "eval_f1_near" in metrics and "eval_slot_f1_near" in metrics and all(" " not in k for k in metrics)
 
 
 def test_slot_exact_match_ignores_order_case_and_spacing_but_not_values():
-    assert exact("slots", "eatType[Pub],  name[A]", "name[A], eatType[pub]")
-    assert not exact("slots", "name[A], eatType[pub]", "name[A], eatType[restaurant]")
+    assert of("slots").exact("eatType[Pub],  name[A]", "name[A], eatType[pub]")
+    assert not of("slots").exact("name[A], eatType[pub]", "name[A], eatType[restaurant]")
 
 
 def test_json_parsing_accepts_only_one_object():
@@ -104,22 +105,22 @@ def test_hand_computed_json_field_scores():
                   '{"product": "SSO Login", "severity": "low"}']
     predictions = ['{"product": "vpn client", "severity": "low", "customer": {"name": "Acme"}}',  # 2 of 3 right
                    '{"product": "SSO Login", "severity": "low"']                                 # malformed: 0 of 2
-    scores = score("json", predictions, references)
+    scores = score(of("json"), predictions, references)
     # tp = 2, fp = 1, fn = 1 + 2 = 3 -> P = 2/3, R = 2/5, F1 = 2PR/(P+R) = 1/2
     assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((2 / 3, 2 / 5, 1 / 2))
     assert scores["parse_rate"] == 0.5 and scores["exact_match"] == 0.0
     assert scores["per_field"] == {"product": pytest.approx(2 / 3), "severity": 0.0, "customer.name": 1.0}
-    assert exact("json", '{"b": 2, "a": "X"}', '{"a": "x", "b": 2.0}')
+    assert of("json").exact('{"b": 2, "a": "X"}', '{"a": "x", "b": 2.0}')
 
 
 def test_json_metrics_add_the_parse_rate_and_keep_no_slot_names():
-    metrics = metric_dict(score("json", ['{"a": 1}'], ['{"a": 1}']), "eval_", "json")
+    metrics = metric_dict(score(of("json"), ['{"a": 1}'], ['{"a": 1}']), "eval_", of("json"))
     assert metrics["eval_f1"] == 1.0 and metrics["eval_json_parse_rate"] == 1.0 and metrics["eval_f1_a"] == 1.0
     assert not any("slot" in k for k in metrics)
 
 
 def test_hand_computed_text_scores():
-    scores = score("text", ["The Crown", "blue  Pub"], ["The Crown and Anchor", "Blue pub"])
+    scores = score(of("text"), ["The Crown", "blue  Pub"], ["The Crown and Anchor", "Blue pub"])
     # row 1: 2 common of 2 predicted / 4 reference tokens -> P 1, R 1/2, F1 2/3; row 2: exact -> 1
     assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((1.0, 3 / 4, 5 / 6))
     assert scores["exact_match"] == 0.5 and scores["per_field"] == {}
@@ -167,3 +168,17 @@ def test_most_common_faults_name_the_values_missed_invented_or_confused():
                                          "near[café rouge] missing 2; familyFriendly[yes] invented 1")
     assert error_report("text", ["a"], ["b"])["most_common_faults"] == []
     assert error_report("json", ["{}"], ['{"product": "VPN"}'])["most_common_faults"] == [("product[vpn] missing", 1)]
+
+
+def test_every_format_is_asked_by_name_and_detected_from_its_targets():
+    from databricks_llm.formats import FORMATS, detect
+
+    assert set(FORMATS) == {"slots", "json", "text"} and all(of(name).name == name for name in FORMATS)
+    assert detect(['{"a": "b[c]"}']).name == "json"  # a JSON target that also reads as slots is JSON
+    assert detect(["a[b], c[d]"]).name == "slots" and detect(["free words"]).name == "text"
+
+
+def test_a_label_given_twice_becomes_a_list_in_a_json_target_never_a_dropped_value():
+    assert of("json").target("customer rating[high], customer rating[5 out of 5]") == \
+        '{"customer rating": ["high", "5 out of 5"]}'
+    assert of("json").pairs('{"a": ["x", "y"]}') == of("json").pairs('{"a": ["y", "x"]}')
