@@ -23,7 +23,7 @@ import torch
 
 from databricks_llm import constraints, formats, sample_data
 from databricks_llm.errors import InputError, first_line
-from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_INSTRUCTIONS, GENERIC_INSTRUCTIONS, LEGACY_PROMPT_VERSION, TASK_FILE, Task
+from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_INSTRUCTIONS, LEGACY_PROMPT_VERSION, TASK_FILE, Task
 from databricks_llm.validation import looks_like_path
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
@@ -218,7 +218,7 @@ def _instruction(task: Task, columns: tuple[str, str], output_format: str, syste
     if systems and (system := next(iter(systems))):
         return system
     e2e = columns[0] in E2E_INPUTS and columns[1] in E2E_OUTPUTS
-    return (E2E_INSTRUCTIONS if e2e else GENERIC_INSTRUCTIONS).get(output_format, GENERIC_INSTRUCTIONS[output_format])
+    return (E2E_INSTRUCTIONS if e2e else {}).get(output_format) or formats.of(output_format).instruction
 
 
 def check_source(dataset: str) -> None:

@@ -27,12 +27,12 @@ from databricks_llm import data, models, runs, runtime, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
-from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
+from databricks_llm.formats import STRUCTURED_DEFAULT, of
+from databricks_llm.generation import generate
 from databricks_llm.models import EMBEDDED_MODEL
-from databricks_llm.formats import of
 from databricks_llm.scoring import metric_dict
 from databricks_llm.task import E2E, Task
-from databricks_llm.validation import NON_NEGATIVE, POSITIVE
+from databricks_llm.validation import NON_NEGATIVE, POSITIVE, check_settings
 
 RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
 

@@ -25,17 +25,19 @@ def closed_fields(values: dict[str, Counter]) -> dict[str, Counter]:
 
 
 class OutputFormat:
-    """A format of records: `parse` gives (key, value) pairs, or None when the text is not in it."""
+    """A format of records. Each keyed format defines `parse` (text -> (key, value) pairs, or None
+    when the text is not in the format), `render` (pairs -> text in the format's one spelling),
+    `item` and `value` (the regular expression of a field holding a value of a kind, closed to the
+    given spellings where there are some) and `copying` (a pattern whose group 1 is a copied value
+    being written at an output's end, and the character that closes a value)."""
 
     name: ClassVar[str]
-    keyed: ClassVar[bool] = True  # outputs are records of keys (scored by pairs), not free text
+    instruction: ClassVar[str]  # the instruction of a task that gives none
+    keyed: ClassVar[bool] = True  # records of keys, scored by pairs (not free text)
     unlike: ClassVar[str] = ""  # what a text not in the format is, in a refusal
     separator: ClassVar[str] = ", "
     start: ClassVar[str] = ""
     end: ClassVar[str] = ""
-
-    def parse(self, text: object) -> list[tuple[str, Any]] | None:
-        raise NotImplementedError
 
     def pairs(self, text: object) -> Counter | None:
         """The normalised (key, value) pairs as a multiset, or None when the text is not in the format."""
@@ -46,30 +48,15 @@ class OutputFormat:
         return (self.pairs(prediction) or Counter()) == (self.pairs(reference) or Counter())
 
     def target(self, text: str) -> str | None:
-        """A training target in this format's one spelling (keys in the given order), or None."""
+        """A training target in the format's one spelling, or None when it is not in the format."""
         return text if self.parse(text) else None
 
-    def render(self, record: list[tuple[str, Any]]) -> str:
-        raise NotImplementedError
-
-    def item(self, key: str, value: str) -> str:
-        """The regular expression of one field holding a value matching `value`."""
-        raise NotImplementedError
-
-    def value(self, kind: str, closed: tuple[str, ...]) -> str:
-        raise NotImplementedError
-
     def any(self) -> str | None:
-        """The expression of any output in the format, where no schema is known (None: unconstrained)."""
+        """The expression of any output, where no schema is known (None: unconstrained)."""
         return None
 
-    def copying(self, fields: tuple[str, ...]) -> tuple[str, str]:
-        """A pattern whose group 1 is a copied field's value being written at the end of an output,
-        and the character that ends a value."""
-        raise NotImplementedError
-
     def metric_aliases(self, scores: dict) -> dict[str, float]:
-        """Older names some format's metrics are also logged under."""
+        """Older names some of the format's metrics are also logged under."""
         return {}
 
 
@@ -77,6 +64,7 @@ class Slots(OutputFormat):
     """``key[value], key[value]``: E2E's meaning representations."""
 
     name = "slots"
+    instruction = "Extract the fields stated in the text as comma-separated key[value] pairs."
     unlike = "has no key[value] pair"
 
     def parse(self, text: object) -> list[tuple[str, Any]] | None:
@@ -100,13 +88,16 @@ class Slots(OutputFormat):
 
 
 _STRING = r'"([^"\\\n\x00]|\\["\\/bfnrtu])*"'
-_SCALARS = {"number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", "boolean": "(true|false)", "null": "null"}
+_LIST = rf"\[{_STRING}(, {_STRING})*\]"  # a label given twice: its values as a list of strings
+_SCALARS = {"number": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", "boolean": "(true|false)", "null": "null",
+            "list": _LIST, "strings": f"({_STRING}|{_LIST})"}
 
 
 class Json(OutputFormat):
     """One JSON object; nested values score as flattened key paths (``customer.name``, ``tags[]``)."""
 
     name = "json"
+    instruction = "Extract the fields stated in the text as one JSON object."
     unlike = "is not a JSON object"
     start, end = r"\{", r"\}"
 
@@ -134,8 +125,6 @@ class Json(OutputFormat):
     def value(self, kind: str, closed: tuple[str, ...]) -> str:
         if closed:
             return "(" + "|".join(re.escape(json.dumps(v, ensure_ascii=False)) for v in closed) + ")"
-        if kind == "list":  # a label given twice: its values as a list of strings
-            return rf"\[{_STRING}(, {_STRING})*\]"
         return _any_json('["object", "array"]') if kind == "nested" else _SCALARS.get(kind, _STRING)
 
     def any(self) -> str | None:
@@ -163,6 +152,7 @@ class Text(OutputFormat):
     """Free text: exact match of the words, and SQuAD-style token F1."""
 
     name = "text"
+    instruction = "Extract the requested information from the text."
     keyed = False
 
     def parse(self, text: object) -> list[tuple[str, Any]] | None:

@@ -1,10 +1,9 @@
-"""Batched generation of a task's outputs: the one decoder of the pyfunc model, training-time
-evaluation, `evaluate` and the benchmarks."""
+"""Batched generation of a task's outputs: the one decoder of serving, training-time evaluation,
+`evaluate` and the benchmarks."""
 
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,24 +11,11 @@ import torch
 
 from databricks_llm import constraints
 from databricks_llm.data import encode_prompts, padded, positions, unwrapped
-from databricks_llm.errors import InputError
 from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.task import E2E, Task
 
-MAX_TOKENS_CAP = 512
 MAX_INPUT_CHARS = 4000
 NARROW_AT_MOST = 0.25  # share of the vocabulary up to which a step projects onto the allowed tokens only
-
-
-def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> tuple[float, int]:
-    """The one check of generation settings, for serving requests and `evaluate` flags alike:
-    a finite temperature >= 0 and an integer max_tokens in 1..MAX_TOKENS_CAP. `prefix` names
-    where they came from in the message (`row 3: `, `--`)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"{prefix}temperature must be a finite number >= 0 (got {temperature})")
-    if not (0 < max_tokens <= MAX_TOKENS_CAP and max_tokens == int(max_tokens)):
-        raise InputError(f"{prefix}max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
-    return float(temperature), int(max_tokens)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import pandas as pd
 
 from databricks_llm import validation
 from databricks_llm.errors import InputError
-from databricks_llm.generation import STRUCTURED_DEFAULT, check_settings, generate
+from databricks_llm.formats import STRUCTURED_DEFAULT
+from databricks_llm.generation import generate
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -48,7 +49,7 @@ def parse_request(model_input: Any, params: dict | None = None) -> list[tuple[st
         temperature = _value(row, defaults, "temperature", 0.0)
         max_tokens = _value(row, defaults, "max_tokens", DEFAULT_MAX_TOKENS)
         structured = _flag(row, defaults, "structured_decoding", STRUCTURED_DEFAULT, prefix=f"row {i}: ")
-        parsed.append((prompt, *check_settings(temperature, max_tokens, prefix=f"row {i}: "), structured))
+        parsed.append((prompt, *validation.check_settings(temperature, max_tokens, prefix=f"row {i}: "), structured))
     return parsed
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from databricks_llm.errors import InputError
+from databricks_llm.formats import FORMATS
 
 TASK_FILE = "extraction_task.json"
-FORMATS = ("slots", "json", "text")
 # v2: the E2E prompt of models logged before tasks were saved; v3: the same chat-template prompt,
 # with generic section names (`### Input:`/`### Output:`) for tokenizers without a template.
 LEGACY_PROMPT_VERSION, PROMPT_VERSION = "v2", "v3"
@@ -25,11 +25,6 @@ E2E_INSTRUCTION = ("Extract the meaning representation of the restaurant descrip
 E2E_JSON_INSTRUCTION = ("Extract the meaning representation of the restaurant description as one JSON object "
                         "mapping each slot to its value.")
 E2E_INSTRUCTIONS = {"slots": E2E_INSTRUCTION, "json": E2E_JSON_INSTRUCTION}
-GENERIC_INSTRUCTIONS = {
-    "slots": "Extract the fields stated in the text as comma-separated key[value] pairs.",
-    "json": "Extract the fields stated in the text as one JSON object.",
-    "text": "Extract the requested information from the text.",
-}
 MAX_INSTRUCTION_CHARS = 4000
 
 
@@ -40,7 +35,7 @@ class Task:
     input_column: str | None = field(default=None, metadata={"help": "Column with the model's input text (default: detected: sentence/ref, prompt, input, text; or a chat `messages` column)."})
     output_column: str | None = field(default=None, metadata={"help": "Column with the target output (default: detected: mr, completion, output, label)."})
     instruction: str | None = field(default=None, metadata={"help": "The instruction given with every input, or @path to a UTF-8 file holding it (default: the dataset's, else one per output format)."})
-    output_format: str | None = field(default=None, metadata={"help": "slots (key[value], ...), json (one JSON object) or text (default: detected from the training targets)."})
+    output_format: str | None = field(default=None, metadata={"help": "slots (key[value], ...), json (one JSON object) or text (default: detected from the training targets); see databricks_llm.formats."})
     prompt_version: str = field(default=PROMPT_VERSION, metadata={"help": "Prompt layout version (set by the job; v2 reproduces models logged before tasks were saved)."})
     schema: str | None = field(default=None, metadata={"help": "The targets' fields, their order and closed values, as JSON (set by the job from the training targets; structured decoding follows it)."})
 

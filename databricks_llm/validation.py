@@ -169,3 +169,17 @@ def check_writable(value: str, what: str) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
         raise InputError(f"{what} {path} is not writable (creating a file in {existing} failed: {err.strerror})") from None
+
+
+MAX_TOKENS_CAP = 512
+
+
+def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> tuple[float, int]:
+    """The one check of generation settings, for serving requests and `evaluate` flags alike:
+    a finite temperature >= 0 and an integer max_tokens in 1..MAX_TOKENS_CAP. `prefix` names
+    where they came from in the message (`row 3: `, `--`)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"{prefix}temperature must be a finite number >= 0 (got {temperature})")
+    if not (0 < max_tokens <= MAX_TOKENS_CAP and max_tokens == int(max_tokens)):
+        raise InputError(f"{prefix}max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
+    return float(temperature), int(max_tokens)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from databricks_llm.errors import InputError
-from databricks_llm.generation import MAX_TOKENS_CAP
+from databricks_llm.validation import MAX_TOKENS_CAP
 from databricks_llm.generation import STRUCTURED_DEFAULT as S
 from databricks_llm.pyfunc import DEFAULT_MAX_TOKENS, CompletionModel, parse_request
 

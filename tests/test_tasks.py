@@ -19,7 +19,8 @@ from conftest import REPO, run_module
 from databricks_llm import data, sample_data
 from databricks_llm.errors import InputError
 from databricks_llm.scoring import parse_mr
-from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, GENERIC_INSTRUCTIONS, TASK_FILE, Task
+from databricks_llm.formats import of
+from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_JSON_INSTRUCTION, TASK_FILE, Task
 
 LEGACY_ARCHIVE = REPO / "tests" / "fixtures" / "legacy_model.tar.gz"
 TICKETS = sample_data.tickets(12, seed=5)
@@ -79,7 +80,7 @@ def test_chat_rows_give_input_target_and_their_system_message_as_the_instruction
 def test_chat_rows_from_parquet_and_without_a_system_message(tmp_path):
     pd.DataFrame([chat(None, r["prompt"], r["completion"]) for r in TICKETS]).to_parquet(tmp_path / "train.parquet")
     _, task = data.load(str(tmp_path / "train.parquet"))
-    assert task.instruction == GENERIC_INSTRUCTIONS["json"]
+    assert task.instruction == of("json").instruction
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -97,7 +98,7 @@ def test_chat_rows_that_cannot_be_one_task_are_refused(tmp_path, rows, message):
 def test_json_targets_are_detected_and_rewritten_in_one_spelling(tmp_path):
     rows = [{"prompt": "a", "completion": {"b": 1, "c": "x"}}, {"prompt": "b", "completion": '{ "b" :2 }'}] * 4
     splits, task = data.load(write(tmp_path, rows), validation_fraction=0.25)
-    assert task.output_format == "json" and task.instruction == GENERIC_INSTRUCTIONS["json"]
+    assert task.output_format == "json" and task.instruction == of("json").instruction
     assert set(splits["train"]["output"]) | set(splits["validation"]["output"]) == {'{"b": 1, "c": "x"}', '{"b": 2}'}
 
 
@@ -125,7 +126,7 @@ def test_targets_that_do_not_fit_the_format_are_refused_with_the_row(tmp_path):
 def test_mixed_targets_are_detected_as_text(tmp_path):
     rows = [{"text": "a", "label": '{"b": 1}'}] * 4 + [{"text": "b", "label": "plain words"}] * 4
     _, task = data.load(write(tmp_path, rows))
-    assert task.output_format == "text" and task.instruction == GENERIC_INSTRUCTIONS["text"]
+    assert task.output_format == "text" and task.instruction == of("text").instruction
 
 
 def test_e2e_data_keeps_its_instruction_and_the_shipped_tickets_have_theirs():
