@@ -14,6 +14,7 @@ docs/sweeps.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ log = logging.getLogger("databricks_llm.sweep")
 # Set per trial by the sweep: the same value for every trial would make them share files.
 SET_BY_SWEEP = ("output_dir", "final_model_output_path", "run_name", "resume_from_checkpoint")
 STORAGE_FILE = "optuna.db"
+SUMMARY_FILE = "summary.json"
 # Tracking variables the jobs need as the sweep sees them (Spark tasks do not inherit the driver's environment).
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "DATABRICKS_", "HF_", "TENSORBOARD_")
 
@@ -164,6 +166,7 @@ def run(p: Plan) -> dict[str, Any]:
                                     load_if_exists=True, pruner=_pruner(args),
                                     sampler=optuna.samplers.TPESampler(seed=args.sampler_seed))
         parent = _parent_run(study, client, experiment_id, p)
+        (Path(sweep_dir) / tracking.RUN_ID_FILE).write_text(parent)  # as a job's folder: runs.job_run_id finds it
         trials = sweep_trial.TrialSettings(
             sweep_dir, p.storage, p.study_name, p.space, p.job_args, settings.uri, experiment_id, parent, args.metric,
             env={k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)})
@@ -179,6 +182,7 @@ def run(p: Plan) -> dict[str, Any]:
                 _run_trials(trials, p, study, Budget(False, None, deadline))
             name = (args.registered_model_name or p.study_name) if args.register else None
             summary = sweep_report.summarise(study, client, parent, args.metric, args.repeats, name, args.alias)
+            (Path(sweep_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             status = "FINISHED"
         except Exception:
             status = "FAILED"
