@@ -124,7 +124,7 @@ def test_resume_runs_the_interrupted_trials_again_without_repeating_finished_one
     trials = study_of(resumed_sweep).get_trials()
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4 and len({t.number for t in complete}) == 4
+    assert len(complete) == 4 and interrupted  # the kill came while the next trials ran
     _, children, _ = runs_of(resumed_sweep)
     for trial in interrupted:  # their jobs got SIGTERM from the dying sweep, or their runs were closed at resume
         assert children[trial.number].info.status in ("KILLED", "FAILED")
