@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import optuna
 import pytest
 
 from conftest import REPO, run_module
-from databricks_llm import sweep
+from databricks_llm import sweep, sweep_trial
 from databricks_llm.errors import InputError
 
 # Full fine-tunes of the tiny model learn the slots' easy half in a few steps at a high learning rate.
@@ -90,6 +91,30 @@ def test_cli_refuses_a_bad_space_file_in_one_line_with_exit_2_and_writes_nothing
     assert result.stderr.strip().splitlines() == [
         f"error: --space {tmp_path / 'space.yaml'}: learning_rate: low must be below high (got 0.1, 0.01)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no sweep folder, no MLflow store
+
+
+def test_resume_closes_the_runs_of_trials_whose_process_is_gone_and_queues_their_parameters_again(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("resume")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", direction="maximize")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    trials = {}
+    for name, pid in (("killed", gone.pid), ("alive", os.getpid())):
+        run = client.create_run(experiment, run_name=name)
+        trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+        for key, value in dict(host=socket.gethostname(), pid=pid, run_id=run.info.run_id, seed=43, repeat_of=0).items():
+            trial.set_user_attr(key, value)
+        trials[name] = (trial, run.info.run_id)
+    killed, killed_run = trials["killed"]
+    assert sweep_trial.resume(study, client) == [killed.number]
+    assert client.get_run(killed_run).info.status == "FAILED"
+    assert "interrupted" in client.get_run(killed_run).data.tags["sweep_closed"]
+    assert client.get_run(trials["alive"][1]).info.status == "RUNNING"  # its process is still at work
+    states = {t.number: t for t in study.get_trials()}
+    assert states[killed.number].state.name == "FAIL" and states[killed.number].user_attrs["interrupted"]
+    (queued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert queued.params == killed.params and queued.user_attrs == {"seed": 43, "repeat_of": 0}
 
 
 @pytest.fixture(scope="module")
