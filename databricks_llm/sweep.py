@@ -27,7 +27,7 @@ from typing import Any
 
 from databricks_llm import search_space
 from databricks_llm.errors import InputError, exit_code
-from databricks_llm.validation import parse_bool
+from databricks_llm.validation import parse_bool, refusing
 
 log = logging.getLogger("databricks_llm.sweep")
 # Set per trial by the sweep: the same value for every trial would make them share files.
@@ -62,12 +62,7 @@ def argument_parser() -> argparse.ArgumentParser:
     add("--alias", default="champion", help="Alias of the registered best checkpoint.")
     add("--spark", type=parse_bool, default=False, help="Run each trial as a Spark task sharing the study's storage.")
     add("--master", help="Spark master when no session is active (default: local[--parallel]).")
-
-    def fail(message: str) -> None:
-        raise InputError(message)
-
-    parser.error = fail
-    return parser
+    return refusing(parser)
 
 
 @dataclass(frozen=True)
