@@ -1,6 +1,7 @@
 """The headless notebook chain: data prep -> fine-tune -> evaluation with papermill.
 
     python -m databricks_llm.notebook --profile=demo   # cron / Airflow friendly: exit 1 on a failed cell
+    python -m databricks_llm.notebook --profile=demo --sweep   # data prep -> hyperparameter sweep (04_sweep)
 
 Each run writes its executed notebooks into a folder of its own, <--output>/<date-time>/, and
 logs them to the fine-tuning job's MLflow run as artifacts under `notebooks/`. The kernels start
@@ -18,6 +19,7 @@ from typing import Any
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHAIN = ("01_data_preparation.ipynb", "02_fine_tune.ipynb", "03_evaluation.ipynb")
+SWEEP_CHAIN = ("01_data_preparation.ipynb", "04_sweep.ipynb")
 # Per profile: parameters for the fine-tuning and evaluation notebooks (data prep uses defaults).
 # The fine-tuning notebook picks the launcher and DeepSpeed config for the hardware by itself.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -26,14 +28,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       "extra_args": "--max_train_samples=8 --max_eval_samples=4 --eval_generation_samples=2 "
                                     "--logging_steps=1 --disable_tqdm=true"},
         "evaluate": {"max_samples": 4, "max_tokens": 32},
+        "sweep": {"trials": 2, "max_steps": 2, "extra_args": "--max_train_samples=8 --max_eval_samples=4 "
+                  "--eval_generation_samples=2 --eval_steps=2 --save_steps=2 --logging_steps=1 --disable_tqdm=true"},
     },
-    "demo": {"fine_tune": {}, "evaluate": {}},
+    "demo": {"fine_tune": {}, "evaluate": {}, "sweep": {}},
     # Databricks Free Edition / serverless: CPU only, no DeepSpeed launcher, no Spark distributors.
-    "free": {"fine_tune": {"launcher": "python"}, "evaluate": {}},
+    "free": {"fine_tune": {"launcher": "python"}, "evaluate": {}, "sweep": {}},
     "full": {
         "fine_tune": {"max_steps": -1, "save_steps": 200,
                       "extra_args": "--num_train_epochs=1 --eval_generation_samples=64 --logging_steps=10"},
         "evaluate": {"max_samples": 0},
+        "sweep": {"trials": 20, "max_steps": -1, "extra_args": "--num_train_epochs=1 --eval_generation_samples=64 "
+                  "--eval_steps=200 --save_steps=200 --logging_steps=10"},
     },
 }
 
@@ -52,20 +58,29 @@ def chain_parameters(profile: str, work_dir: Path, model: str | None = None,
     ]
 
 
-def run_chain(parameters: list[dict[str, Any]], output: Path) -> None:
-    """Execute the three notebooks with papermill, kernels in `notebooks/`; stop at the first failure.
+def sweep_parameters(profile: str, work_dir: Path, model: str | None = None,
+                     dataset: str | None = None) -> list[dict[str, Any]]:
+    """Papermill parameters of data preparation and the sweep notebook (SWEEP_CHAIN)."""
+    prepared = chain_parameters(profile, work_dir, model, dataset)[0]
+    return [prepared, {**({"model": model} if model else {}), "dataset": prepared["prepared_path"],
+                       "sweep_dir": str(work_dir / "sweep"), **PROFILES[profile]["sweep"]}]
 
-    Whatever executed, failed cells included, is logged to the fine-tuning job's run afterwards."""
+
+def run_chain(parameters: list[dict[str, Any]], output: Path, chain: tuple[str, ...] = CHAIN) -> None:
+    """Execute the notebooks with papermill, kernels in `notebooks/`; stop at the first failure.
+
+    Whatever executed, failed cells included, is logged to the fine-tuning job's run (the sweep's
+    run for the sweep chain) afterwards."""
     import papermill
 
     output.mkdir(parents=True, exist_ok=True)
     try:
-        for notebook, params in zip(CHAIN, parameters):
+        for notebook, params in zip(chain, parameters):
             print(f"[notebook] {notebook} -> {output / notebook}", flush=True)
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(output / notebook), parameters=params,
                                        kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False)
     finally:
-        log_executed(output, parameters[1]["output_dir"])
+        log_executed(output, parameters[1].get("output_dir") or parameters[1]["sweep_dir"])
 
 
 def log_executed(folder: Path, job_dir: str) -> None:
@@ -91,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", type=Path, default=Path("outputs"), help="prepared data, checkpoints, MLflow store")
     parser.add_argument("--model", help="override the model of every notebook")
     parser.add_argument("--dataset", help="override the data-preparation source")
+    parser.add_argument("--sweep", action="store_true", help="data prep, then the hyperparameter sweep (04_sweep)")
     args = parser.parse_args(argv)
     from papermill.exceptions import PapermillExecutionError
 
     output = args.output.resolve() / time.strftime("%Y%m%d-%H%M%S")
     try:
-        run_chain(chain_parameters(args.profile, args.work_dir.resolve(), args.model, args.dataset), output)
+        if args.sweep:
+            run_chain(sweep_parameters(args.profile, args.work_dir.resolve(), args.model, args.dataset), output,
+                      SWEEP_CHAIN)
+        else:
+            run_chain(chain_parameters(args.profile, args.work_dir.resolve(), args.model, args.dataset), output)
     except PapermillExecutionError as err:
         print(f"error: notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue} (see {output})",
               file=sys.stderr)

@@ -40,6 +40,11 @@ def argument_parser(dataclass_types: Any, description: str):
         if action.type is string_to_bool:
             action.type = parse_bool
 
+    return refusing(parser)
+
+
+def refusing(parser: Any) -> Any:
+    """`parser` with its errors raised as InputErrors (one line, exit 2) instead of argparse's usage text."""
     def fail(message: str) -> None:
         raise InputError(message)
 

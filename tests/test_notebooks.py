@@ -17,7 +17,7 @@ import yaml
 
 from conftest import REPO, run_module
 from databricks_llm import sample_data
-from databricks_llm.notebook import CHAIN, NOTEBOOKS, PROFILES
+from databricks_llm.notebook import CHAIN, NOTEBOOKS, PROFILES, SWEEP_CHAIN
 
 PAPERMILL = str(Path(sys.executable).parent / "papermill")
 # The ci profile's sizes, on the tiny test model: the chain in about a minute.
@@ -35,7 +35,7 @@ def notebook_folder_listing() -> set[str]:
     return {str(p.relative_to(NOTEBOOKS)) for p in NOTEBOOKS.rglob("*")}
 
 
-@pytest.mark.parametrize("name", CHAIN)
+@pytest.mark.parametrize("name", sorted({*CHAIN, *SWEEP_CHAIN}))
 def test_committed_notebook_is_clean_with_setup_then_parameters(name):
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]
