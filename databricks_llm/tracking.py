@@ -27,7 +27,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from databricks_llm import runtime, validation
+from databricks_llm import __version__, runtime, validation
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.generation import STRUCTURED_DEFAULT
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
@@ -404,7 +404,8 @@ def log_model_folder(folder: str | Path, name: str, step: int = 0, example: str 
             code_paths=[str(Path(__file__).parent)], signature=SIGNATURE,
             input_example={"prompt": example, "max_tokens": 128} if example else None,
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
-            metadata={"task": "llm/v1/completions", "extraction_task": Task.of_model(folder).to_dict()},
+            metadata={"task": "llm/v1/completions", "extraction_task": Task.of_model(folder).to_dict(),
+                      "databricks_llm_version": __version__},
         )
 
 
