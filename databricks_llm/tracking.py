@@ -11,6 +11,7 @@ start (or resume) to its end state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ from databricks_llm.generation import STRUCTURED_DEFAULT
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 from databricks_llm.runtime import Process
 from databricks_llm.task import Task
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "databricks_llm"
 # MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed
@@ -201,8 +204,7 @@ def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
     flush.start()
     flush.join(seconds)
     if flush.is_alive():
-        print(f"[mlflow] buffered metrics were not sent within {seconds:g}s; the run cannot be marked {status}",
-              flush=True)
+        log.warning(f"[mlflow] buffered metrics were not sent within {seconds:g}s; the run cannot be marked {status}")
         return
     survive(f"marking the run {status}", lambda: mlflow.end_run(status))
 
@@ -272,7 +274,7 @@ def job_run(settings: TrackingSettings, process: Process, *, output_dir: str, ru
     if process.is_main:
         connect(settings, output_dir)
         run = _start_run(settings, output_dir, run_name, resume, f"node-{process.node}" if process.nodes > 1 else None)
-        print(f"[mlflow] run {run.run_id} at {redact_text(settings.uri)}", flush=True)
+        log.info(f"[mlflow] run {run.run_id} at {redact_text(settings.uri)}")
     try:
         if process.nodes > 1:
             run_id = runtime.broadcast(run.run_id if run else None, device)
@@ -422,4 +424,4 @@ def survive(action: str, fn: Callable[[], Any]) -> None:
         fn()
     except Exception as err:  # network, server and store errors all land here
         message = f"[mlflow] {action} failed, training continues: {type(err).__name__}: {first_line(err, 200)}"
-        print(redact_text(message), flush=True)
+        log.warning(redact_text(message))
