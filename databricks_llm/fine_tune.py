@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,16 @@ if not __package__:  # run as a file: import this package, not its modules as to
 import datasets  # noqa: E402
 
 from databricks_llm import config as job_config  # noqa: E402
-from databricks_llm import augment, data, logs, models, outputlock, runtime, tracking  # noqa: E402
+from databricks_llm import augment, data, logs, models, outputlock, runtime, summary, tracking  # noqa: E402
 from databricks_llm.callbacks import MLflowLogger, SaveAtMinutes, StopOnSignal  # noqa: E402
 from databricks_llm.config import JobConfig  # noqa: E402
 from databricks_llm.errors import exit_code  # noqa: E402
 
 log = logging.getLogger("databricks_llm.fine_tune")  # by name: this module also runs as __main__
+
+# accelerate sets the thread count itself, as asked, and says so in every rank: not ours to act on.
+warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset", category=UserWarning,
+                        module="accelerate.state")
 
 EXIT_SECONDS = 120  # after the job ends, or a signal, a stuck thread may hold the process this long at most
 STOP = runtime.Stop(EXIT_SECONDS)
@@ -131,6 +136,7 @@ class FineTuneJob:
             events = self.config.tracking.tensorboard_dir
             if Path(events).is_dir():
                 tracking.survive("uploading TensorBoard events", lambda: mlflow.log_artifacts(events, "tensorboard"))
+        summary.report(self, run.run_id if run is not None else None)
 
     def _generation_eval(self) -> Any:
         from transformers.integrations import is_deepspeed_zero3_enabled

@@ -77,7 +77,7 @@ def log_executed(folder: Path, job_dir: str) -> None:
     """The executed notebooks as artifacts (`notebooks/`) of the job's run, if the job got that far."""
     import mlflow
 
-    from databricks_llm import runs, tracking
+    from databricks_llm import runs, summary, tracking
 
     if not (Path(job_dir) / tracking.RUN_ID_FILE).exists():
         return
@@ -86,6 +86,7 @@ def log_executed(folder: Path, job_dir: str) -> None:
     tracking.survive("logging the executed notebooks",
                      lambda: mlflow.MlflowClient().log_artifacts(run_id, str(folder), "notebooks"))
     log.info(f"[notebook] executed notebooks logged to run {run_id} under notebooks/")
+    tracking.survive("reading the job's summary", lambda: summary.say_run(run_id))
 
 
 def main(argv: list[str] | None = None) -> int:

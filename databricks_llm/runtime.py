@@ -25,6 +25,9 @@ from databricks_llm.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
+if not torch.cuda.is_available():  # said explicitly, or DeepSpeed prints "Setting accelerator to CPU" in every process
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

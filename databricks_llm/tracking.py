@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -380,6 +381,12 @@ def log_dataset(frame: Any, source: str, context: str) -> None:
 def pip_requirements() -> list[str]:
     """Exact versions of what serving needs (the inferred default would add torchvision)."""
     return [f"{p}=={metadata.version(p)}" for p in _PACKAGES]
+
+
+# Checkpoints are logged without an input example on purpose (MLflow checks one by loading the model and
+# generating, seconds per checkpoint); the final model carries one. MLflow's note about that, and only it:
+warnings.filterwarnings("ignore", message=r".*An input example was not provided when logging the model",
+                        category=UserWarning, module=r"mlflow\.pyfunc")
 
 
 def log_model_folder(folder: str | Path, name: str, step: int = 0, example: str | None = None,

@@ -184,6 +184,8 @@ def choose_launch(launcher: str = "auto", ds_config: str = "auto", cuda: bool | 
         import torch
 
         cuda = torch.cuda.is_available()
+    if not cuda:  # the launcher started from this kernel would otherwise print "Setting accelerator to CPU"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     configs = project_root() / "ds_configs"
     if launcher == "auto":
         if cuda:

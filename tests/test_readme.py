@@ -42,5 +42,7 @@ def test_readme_shell_quick_start_runs_as_written_on_the_tiny_model(tiny_model, 
         result = subprocess.run(f"{command} {extra}", shell=True, cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+        if module == "databricks_llm.fine_tune":  # its summary sets the best checkpoint against the base model
+            assert re.search(r"\[summary\] best: checkpoint-2, eval F1 \d\.\d{3}, .*; base model \d\.\d{3}", result.stdout)
     assert (tmp_path / "outputs" / "quickstart" / "mlflow.db").is_file()  # what the `mlflow ui` line opens
     assert re.search(r"\[evaluate\] \S+: F1 \d\.\d{3}", result.stdout)
