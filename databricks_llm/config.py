@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.task import Task
 from databricks_llm.validation import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -213,8 +216,7 @@ def resume_checkpoint(value: str, output_dir: str) -> str:
         value = str(complete[-1])
         skipped = folders[folders.index(complete[-1]) + 1:]
         if skipped:
-            print(f"[resume] skipping incomplete {', '.join(f.name for f in skipped)} (no readable trainer_state.json)",
-                  flush=True)
+            log.info(f"[resume] skipping incomplete {', '.join(f.name for f in skipped)} (no readable trainer_state.json)")
     if not is_complete(Path(value)):
         raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no readable trainer_state.json)")
     return value

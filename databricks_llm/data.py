@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +26,8 @@ from databricks_llm import constraints, formats, sample_data
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_INSTRUCTIONS, LEGACY_PROMPT_VERSION, TASK_FILE, Task
 from databricks_llm.validation import looks_like_path
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "embedded:e2e-sample"
 TICKETS_DATASET = "embedded:support-tickets"
@@ -178,7 +181,7 @@ def _normalise(split: str, ds: datasets.Dataset, source: str, columns: tuple[str
                 features=datasets.Features({n: datasets.Value("string") for n in names}), desc="columns")
     kept = ds.filter(lambda r: bool((r[INPUT] or "").strip()) and bool((r[OUTPUT] or "").strip()))
     if len(kept) < len(ds):
-        print(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty input or target", flush=True)
+        log.info(f"[data] {split}: skipped {len(ds) - len(kept)} rows with an empty input or target")
     if len(kept) == 0:
         raise InputError(f"dataset {source} split '{split}' is empty")
     return kept
@@ -360,7 +363,7 @@ def tokenize_splits(ds: datasets.DatasetDict, tokenizer: Any, max_seq_length: in
     tokenized = ds.map(encode, batched=True, remove_columns=[INPUT, OUTPUT], desc="tokenize")
     for split, part in tokenized.items():
         if n := sum(part["truncated"]):
-            print(f"[data] {split}: {n} of {len(part)} targets truncated at --max_seq_length={max_seq_length}", flush=True)
+            log.info(f"[data] {split}: {n} of {len(part)} targets truncated at --max_seq_length={max_seq_length}")
     return tokenized.remove_columns("truncated")
 
 

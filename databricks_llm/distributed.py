@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from databricks_llm import logs
 from databricks_llm.errors import InputError, exit_code
 from databricks_llm.validation import POSITIVE, argument_parser, check_ranges
 
@@ -113,6 +114,7 @@ class LaunchArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """Shell entry point: `run_on_spark` with the flags after `--`."""
+    logs.setup()
     argv = sys.argv[1:] if argv is None else argv
     ours, job = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
 

@@ -14,6 +14,7 @@ evaluation run (metrics, a per-example table, a plot).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import datasets
 import mlflow
 
-from databricks_llm import data, models, runs, runtime, tracking, validation
+from databricks_llm import data, logs, models, runs, runtime, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
@@ -33,6 +34,8 @@ from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.scoring import metric_dict
 from databricks_llm.task import E2E, Task
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE, check_settings
+
+log = logging.getLogger("databricks_llm.evaluate")  # by name: this module also runs as __main__
 
 RANGES = {"max_samples": NON_NEGATIVE, "batch_size": POSITIVE}
 
@@ -91,8 +94,8 @@ def score_model(uri: str, task: Task, inputs: list[str], references: list[str], 
     result = scores_and_errors(task.output_format, predictions, references)
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
-    print(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s", flush=True)
-    print("\n".join(summary_lines(result)), flush=True)
+    log.info(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s")
+    log.info("\n".join(summary_lines(result)))
     return result
 
 
@@ -108,7 +111,7 @@ def progress_printer(label: str, total: int, every: float = 30.0) -> Callable[[i
             return
         last, taken = now, now - start
         left = f", ~{taken * (total - done) / done:.0f}s left" if done < total else ""
-        print(f"[evaluate] {label}: {done}/{total} rows, {taken:.0f}s{left}", flush=True)
+        log.info(f"[evaluate] {label}: {done}/{total} rows, {taken:.0f}s{left}")
 
     return report
 
@@ -136,6 +139,7 @@ def print_table(rows: list[dict], best: str | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input."""
+    logs.setup()
     return exit_code(lambda: _run(argv))
 
 
@@ -217,7 +221,7 @@ def _register(best: dict, name: str, alias: str) -> None:
         raise InputError("the base model scored best; nothing fine-tuned to register")
     version = mlflow.register_model(best["model_uri"], name)
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
-    print(f"[evaluate] registered {best['name']} as {name} version {version.version}, alias '{alias}'", flush=True)
+    log.info(f"[evaluate] registered {best['name']} as {name} version {version.version}, alias '{alias}'")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,16 @@ if not __package__:  # run as a file: import this package, not its modules as to
 import datasets  # noqa: E402
 
 from databricks_llm import config as job_config  # noqa: E402
-from databricks_llm import augment, data, models, outputlock, runtime, tracking  # noqa: E402
+from databricks_llm import augment, data, logs, models, outputlock, runtime, summary, tracking  # noqa: E402
 from databricks_llm.callbacks import MLflowLogger, SaveAtMinutes, StopOnSignal  # noqa: E402
 from databricks_llm.config import JobConfig  # noqa: E402
 from databricks_llm.errors import exit_code  # noqa: E402
+
+log = logging.getLogger("databricks_llm.fine_tune")  # by name: this module also runs as __main__
+
+# accelerate sets the thread count itself, as asked, and says so in every rank: not ours to act on.
+warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset", category=UserWarning,
+                        module="accelerate.state")
 
 EXIT_SECONDS = 120  # after the job ends, or a signal, a stuck thread may hold the process this long at most
 STOP = runtime.Stop(EXIT_SECONDS)
@@ -69,14 +77,14 @@ class FineTuneJob:
             if settings.augment_names:
                 self.splits["train"], changed = augment.augment_names(self.splits["train"], self.task,
                                                                       settings.augment_names, self.training.seed)
-                print(f"[data] --augment_names={settings.augment_names}: invented names in {changed} training rows"
-                      + ("" if changed else " (the task has no open field found in its inputs)"), flush=True)
+                log.info(f"[data] --augment_names={settings.augment_names}: invented names in {changed} training rows"
+                         + ("" if changed else " (the task has no open field found in its inputs)"))
             self.splits["validation"] = data.head(self.splits["validation"], settings.max_eval_samples)
             self.tokenized = data.tokenize_splits(self.splits, self.tokenizer, settings.max_seq_length, self.task)
-        print(f"[data] {settings.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in self.splits.items()), flush=True)
+        log.info(f"[data] {settings.dataset}: " + ", ".join(f"{k}={len(v)}" for k, v in self.splits.items()))
         task = self.task
-        print(f"[task] {task.input_column} -> {task.output_column} as {task.output_format}; instruction: "
-              f"{task.instruction[:100]}{'...' if len(task.instruction) > 100 else ''}", flush=True)
+        log.info(f"[task] {task.input_column} -> {task.output_column} as {task.output_format}; instruction: "
+                 f"{task.instruction[:100]}{'...' if len(task.instruction) > 100 else ''}")
 
     def setup(self, run: tracking.JobRun | None) -> None:
         """The model (LoRA-wrapped unless a full fine-tune), the job's params, and the Trainer."""
@@ -87,7 +95,7 @@ class FineTuneJob:
         attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16)
         model = models.load_model(settings.model, use_4bit=settings.use_4bit, dtype=frozen_dtype,
                                   trust_remote_code=settings.trust_remote_code, attn_implementation=attention)
-        print(f"[model] attention: {model.config._attn_implementation}", flush=True)
+        log.info(f"[model] attention: {model.config._attn_implementation}")
         if settings.use_lora:
             model = models.add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                                     target_modules=settings.lora_target_modules,
@@ -105,7 +113,7 @@ class FineTuneJob:
         checkpoint = self.training.resume_from_checkpoint
         if checkpoint:
             step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-            print(f"[resume] continuing from {checkpoint} (step {step})", flush=True)
+            log.info(f"[resume] continuing from {checkpoint} (step {step})")
         self.trainer.train(resume_from_checkpoint=checkpoint)
 
     def finish(self, run: tracking.JobRun | None) -> None:
@@ -120,7 +128,7 @@ class FineTuneJob:
         self.tokenizer.save_pretrained(path)
         if self.config.model.use_lora and self.config.model.merge_adapter:
             self.task.save(models.merge_adapter(path))
-        print(f"[done] final model in {path}", flush=True)
+        log.info(f"[done] final model in {path}")
         if run is not None:
             example = self.splits["validation"][0][data.INPUT]
             tracking.survive("logging the final model", lambda: tracking.log_model_folder(
@@ -128,6 +136,7 @@ class FineTuneJob:
             events = self.config.tracking.tensorboard_dir
             if Path(events).is_dir():
                 tracking.survive("uploading TensorBoard events", lambda: mlflow.log_artifacts(events, "tensorboard"))
+        summary.report(self, run.run_id if run is not None else None)
 
     def _generation_eval(self) -> Any:
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input, before heavy work starts; SIGTERM and
     Ctrl-C end the run KILLED and release the output folder (`runtime.Stop`)."""
     STOP.install()
+    logs.setup()
     return exit_code(lambda: FineTuneJob(job_config.parse(argv, __doc__.split("\n")[0])).run())
 
 

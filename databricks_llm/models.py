@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import time
 import warnings
@@ -20,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.validation import looks_like_path
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +58,7 @@ def convert_gguf(path: Path) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        print(f"[model] converting {path.name} to a HF folder in {target} (one-off, ~1 min)", flush=True)
+        log.info(f"[model] converting {path.name} to a HF folder in {target} (one-off, ~1 min)")
         start = time.time()
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         config = loaded.config
@@ -67,7 +70,7 @@ def convert_gguf(path: Path) -> Path:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(target)
-        print(f"[model] converted in {time.time() - start:.0f}s", flush=True)
+        log.info(f"[model] converted in {time.time() - start:.0f}s")
     return target
 
 

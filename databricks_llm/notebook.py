@@ -12,10 +12,15 @@ in `notebooks/`, as in Jupyter and Databricks, so the chain checks what a person
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from databricks_llm import logs
+
+log = logging.getLogger("databricks_llm.notebook")  # by name: this module also runs as __main__
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHAIN = ("01_data_preparation.ipynb", "02_fine_tune.ipynb", "03_evaluation.ipynb")
@@ -76,7 +81,7 @@ def run_chain(parameters: list[dict[str, Any]], output: Path, chain: tuple[str, 
     output.mkdir(parents=True, exist_ok=True)
     try:
         for notebook, params in zip(chain, parameters):
-            print(f"[notebook] {notebook} -> {output / notebook}", flush=True)
+            log.info(f"[notebook] {notebook} -> {output / notebook}")
             papermill.execute_notebook(str(NOTEBOOKS / notebook), str(output / notebook), parameters=params,
                                        kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False)
     finally:
@@ -87,7 +92,7 @@ def log_executed(folder: Path, job_dir: str) -> None:
     """The executed notebooks as artifacts (`notebooks/`) of the job's run, if the job got that far."""
     import mlflow
 
-    from databricks_llm import runs, tracking
+    from databricks_llm import runs, summary, tracking
 
     if not (Path(job_dir) / tracking.RUN_ID_FILE).exists():
         return
@@ -95,7 +100,8 @@ def log_executed(folder: Path, job_dir: str) -> None:
     run_id = runs.job_run_id(job_dir)
     tracking.survive("logging the executed notebooks",
                      lambda: mlflow.MlflowClient().log_artifacts(run_id, str(folder), "notebooks"))
-    print(f"[notebook] executed notebooks logged to run {run_id} under notebooks/", flush=True)
+    log.info(f"[notebook] executed notebooks logged to run {run_id} under notebooks/")
+    tracking.survive("reading the job's summary", lambda: summary.say_run(run_id))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="override the data-preparation source")
     parser.add_argument("--sweep", action="store_true", help="data prep, then the hyperparameter sweep (04_sweep)")
     args = parser.parse_args(argv)
+    logs.setup()
     from papermill.exceptions import PapermillExecutionError
 
     output = args.output.resolve() / time.strftime("%Y%m%d-%H%M%S")

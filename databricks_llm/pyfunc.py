@@ -83,8 +83,9 @@ class CompletionModel(mlflow.pyfunc.PythonModel):
         self.model, self.tokenizer = load_for_inference(context.artifacts["model"])
         self.task = Task.of_model(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow would read them as a schema
-        """One output per request row, in the task's format."""
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        """One output per request row, in the task's format. MLflow hands requests over as a DataFrame
+        (the signature's schema); a DataFrame hint is one MLflow reads no second schema from."""
         rows = parse_request(model_input, params)
         results: dict[int, str] = {}
         for settings in {row[1:] for row in rows}:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,11 @@ from typing import Any, NoReturn
 import torch
 
 from databricks_llm.errors import InputError, first_line
+
+log = logging.getLogger(__name__)
+
+if not torch.cuda.is_available():  # said explicitly, or DeepSpeed prints "Setting accelerator to CPU" in every process
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _free_port() -> int:
@@ -148,8 +154,8 @@ def warn_if_bf16_is_slow(flag: str) -> None:
     """A job asked for bf16 where it runs many times slower than float32: it still runs, but says so
     (once, from rank 0: every rank of a launched job parses the same flags)."""
     if Process.current().is_main and cpu_bf16_is_slow():
-        print(f"warning: {flag} on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times slower "
-              "than float32; leave it off here", file=sys.stderr, flush=True)
+        log.warning(f"warning: {flag} on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times slower "
+                    "than float32; leave it off here")
 
 
 def check_4bit() -> None:
@@ -256,7 +262,7 @@ class Stop:
     def check(self) -> None:
         """At a safe point: unwind if a signal came (KILLED run; exit 143 or 130)."""
         if self.signum is not None:
-            print(f"[stop] {signal.Signals(self.signum).name}: stopping after step", flush=True)
+            log.info(f"[stop] {signal.Signals(self.signum).name}: stopping after step")
             self._raise(self.signum)
 
     @staticmethod

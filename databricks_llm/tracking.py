@@ -11,12 +11,14 @@ start (or resume) to its end state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -27,12 +29,14 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from databricks_llm import runtime, validation
+from databricks_llm import __version__, runtime, validation
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.redaction import SECRET_NAME, redact_text, secret_values
 from databricks_llm.runtime import Process
 from databricks_llm.task import Task
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "databricks_llm"
 # MLflow 3's UI opens an experiment by its kind; without it, logged checkpoint models are listed
@@ -201,8 +205,7 @@ def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
     flush.start()
     flush.join(seconds)
     if flush.is_alive():
-        print(f"[mlflow] buffered metrics were not sent within {seconds:g}s; the run cannot be marked {status}",
-              flush=True)
+        log.warning(f"[mlflow] buffered metrics were not sent within {seconds:g}s; the run cannot be marked {status}")
         return
     survive(f"marking the run {status}", lambda: mlflow.end_run(status))
 
@@ -272,7 +275,7 @@ def job_run(settings: TrackingSettings, process: Process, *, output_dir: str, ru
     if process.is_main:
         connect(settings, output_dir)
         run = _start_run(settings, output_dir, run_name, resume, f"node-{process.node}" if process.nodes > 1 else None)
-        print(f"[mlflow] run {run.run_id} at {redact_text(settings.uri)}", flush=True)
+        log.info(f"[mlflow] run {run.run_id} at {redact_text(settings.uri)}")
     try:
         if process.nodes > 1:
             run_id = runtime.broadcast(run.run_id if run else None, device)
@@ -380,6 +383,12 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={metadata.version(p)}" for p in _PACKAGES]
 
 
+# Checkpoints are logged without an input example on purpose (MLflow checks one by loading the model and
+# generating, seconds per checkpoint); the final model carries one. MLflow's note about that, and only it:
+warnings.filterwarnings("ignore", message=r".*An input example was not provided when logging the model",
+                        category=UserWarning, module=r"mlflow\.pyfunc")
+
+
 def log_model_folder(folder: str | Path, name: str, step: int = 0, example: str | None = None,
                      registered_model_name: str | None = None) -> Any:
     """Log a saved model folder (LoRA adapter or full model + tokenizer + task file) as a pyfunc
@@ -404,7 +413,8 @@ def log_model_folder(folder: str | Path, name: str, step: int = 0, example: str 
             code_paths=[str(Path(__file__).parent)], signature=SIGNATURE,
             input_example={"prompt": example, "max_tokens": 128} if example else None,
             pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
-            metadata={"task": "llm/v1/completions", "extraction_task": Task.of_model(folder).to_dict()},
+            metadata={"task": "llm/v1/completions", "extraction_task": Task.of_model(folder).to_dict(),
+                      "databricks_llm_version": __version__},
         )
 
 
@@ -421,4 +431,4 @@ def survive(action: str, fn: Callable[[], Any]) -> None:
         fn()
     except Exception as err:  # network, server and store errors all land here
         message = f"[mlflow] {action} failed, training continues: {type(err).__name__}: {first_line(err, 200)}"
-        print(redact_text(message), flush=True)
+        log.warning(redact_text(message))

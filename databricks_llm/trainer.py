@@ -3,6 +3,7 @@ checkpoints that carry the task."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from transformers import Trainer
@@ -12,6 +13,8 @@ from databricks_llm.formats import of
 from databricks_llm.generation import generate
 from databricks_llm.scoring import metric_dict
 from databricks_llm.task import Task
+
+log = logging.getLogger(__name__)
 
 
 class GenerationEval:
@@ -57,8 +60,8 @@ class ExtractionTrainer(Trainer):
             logs.update(metric_dict(scores, "eval_", of(self.task.output_format)))
             if self.is_world_process_zero():
                 parsed = f", parse rate {scores['parse_rate']:.3f}" if "parse_rate" in scores else ""
-                print(f"[eval] step {self.state.global_step}: F1 {scores['f1']:.3f}, exact match "
-                      f"{scores['exact_match']:.3f}{parsed} on {scores['n']} validation rows", flush=True)
+                log.info(f"[eval] step {self.state.global_step}: F1 {scores['f1']:.3f}, exact match "
+                         f"{scores['exact_match']:.3f}{parsed} on {scores['n']} validation rows")
         super().log(logs, start_time)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -8,6 +8,7 @@ standard library and `packaging`: the first notebook cell uses it before the req
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from databricks_llm import logs
+
+log = logging.getLogger(__name__)
 
 # Paths used as given: absolute ones, Unity Catalog volumes, DBFS, and non-path sources.
 _AS_GIVEN = ("/", "~", "dbfs:", "embedded:")
@@ -88,16 +93,18 @@ def missing_requirements(requirements: Path) -> list[str]:
 
 def install_requirements(ipython: Any, requirements: Path | None = None) -> None:
     """On Databricks: `%pip install` what `requirements.txt` lacks (notebook-scoped), then restart
-    Python so the new versions are imported. Elsewhere nothing: a local kernel has its own venv."""
+    Python so the new versions are imported. Elsewhere nothing: a local kernel has its own venv.
+    Being the first call of every notebook, it also shows the package's INFO lines in the notebook."""
+    logs.setup()
     if not on_databricks():
         return
     missing = missing_requirements(requirements or project_root() / "requirements.txt")
     if not missing:
-        print("[setup] requirements.txt is satisfied", flush=True)
+        log.info("[setup] requirements.txt is satisfied")
         return
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as wanted:
         wanted.write("\n".join(missing) + "\n")
-    print(f"[setup] installing {len(missing)} packages from requirements.txt (notebook-scoped)", flush=True)
+    log.info(f"[setup] installing {len(missing)} packages from requirements.txt (notebook-scoped)")
     ipython.run_line_magic("pip", f"install -q -r {wanted.name}")
     ipython.user_ns["dbutils"].library.restartPython()
 
@@ -114,8 +121,8 @@ def export_databricks_credentials(namespace: dict[str, Any]) -> None:
         os.environ.setdefault("DATABRICKS_HOST", context.apiUrl().get())
         os.environ["DATABRICKS_TOKEN"] = context.apiToken().get()
     except Exception as err:  # the context API differs between runtimes; say what to set instead
-        print(f"[setup] no workspace credentials from the notebook context ({type(err).__name__}); set "
-              "DATABRICKS_HOST and DATABRICKS_TOKEN (e.g. from a secret scope) to log to the workspace", flush=True)
+        log.warning(f"[setup] no workspace credentials from the notebook context ({type(err).__name__}); set "
+                    "DATABRICKS_HOST and DATABRICKS_TOKEN (e.g. from a secret scope) to log to the workspace")
 
 
 def widget_values(namespace: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -153,7 +160,7 @@ def publish(namespace: dict[str, Any], **values: str) -> None:
     Databricks, the next notebook finds them through files and MLflow instead)."""
     dbutils = namespace.get("dbutils")
     for key, value in values.items():
-        print(f"[task value] {key} = {value}", flush=True)
+        log.info(f"[task value] {key} = {value}")
         if dbutils is not None:
             dbutils.jobs.taskValues.set(key=key, value=value)
 
@@ -177,6 +184,8 @@ def choose_launch(launcher: str = "auto", ds_config: str = "auto", cuda: bool | 
         import torch
 
         cuda = torch.cuda.is_available()
+    if not cuda:  # the launcher started from this kernel would otherwise print "Setting accelerator to CPU"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     configs = project_root() / "ds_configs"
     if launcher == "auto":
         if cuda:

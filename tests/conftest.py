@@ -7,6 +7,7 @@ Everything is built locally (no hub), once per test session.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -70,6 +71,13 @@ def build_tiny_model(folder: Path, chat_template: bool = True) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def logged(caplog):
+    """What the package logged during the test, INFO and up (`.messages`, `.text`)."""
+    caplog.set_level(logging.INFO, logger="databricks_llm")
+    return caplog
 
 
 @pytest.fixture(scope="session")

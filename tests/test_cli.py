@@ -78,14 +78,14 @@ def test_incomplete_checkpoint_is_refused_by_name(capsys, no_loading, tmp_path):
     assert "checkpoint-5 is not a complete checkpoint" in err
 
 
-def test_resume_true_takes_the_newest_complete_checkpoint_and_names_the_skipped_one(capsys, tmp_path):
+def test_resume_true_takes_the_newest_complete_checkpoint_and_names_the_skipped_one(logged, tmp_path):
     for step in (5, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-15").mkdir()  # a job killed while saving leaves this behind
     (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"global_step"')
     assert config.resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert "[resume] skipping incomplete checkpoint-15" in capsys.readouterr().out
+    assert "[resume] skipping incomplete checkpoint-15" in logged.text
 
 
 def test_resume_true_without_a_complete_checkpoint_is_refused(capsys, no_loading, tmp_path):
@@ -146,28 +146,28 @@ def test_unreachable_tracking_server_is_given_up_after_one_retry_before_the_mode
 
 
 @pytest.mark.parametrize("slow", [True, False])
-def test_bf16_on_a_cpu_without_bf16_instructions_runs_but_says_it_is_slow_there(capsys, monkeypatch, slow):
+def test_bf16_on_a_cpu_without_bf16_instructions_runs_but_says_it_is_slow_there(logged, monkeypatch, slow):
     from databricks_llm import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: slow)
     runtime.check_precision(fp16=False, bf16=True)
-    err = capsys.readouterr().err
-    assert (err == "warning: --bf16 on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many times "
-                   "slower than float32; leave it off here\n") if slow else err == ""
+    assert logged.messages == (["warning: --bf16 on this CPU (no AVX512-BF16 or AMX) runs bf16 matrix products many "
+                                "times slower than float32; leave it off here"] if slow else [])
+    assert all(r.levelname == "WARNING" for r in logged.records)
 
 
-def test_only_rank_0_of_a_launched_job_says_so(capsys, monkeypatch):
+def test_only_rank_0_of_a_launched_job_says_so(logged, monkeypatch):
     from databricks_llm import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: True)
     monkeypatch.setenv("RANK", "1")
     runtime.check_precision(fp16=False, bf16=True)
-    assert capsys.readouterr().err == ""
+    assert logged.messages == []
 
 
-def test_evaluate_in_bf16_on_such_a_cpu_says_so_too(capsys, monkeypatch, tiny_model, tmp_path):
+def test_evaluate_in_bf16_on_such_a_cpu_says_so_too(logged, monkeypatch, tiny_model, tmp_path):
     from databricks_llm import evaluate, runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16_is_slow", lambda: True)
     evaluate._parse([f"--model_uri={tiny_model}", f"--job_dir={tmp_path}", "--dtype=bfloat16"])
-    assert capsys.readouterr().err.startswith("warning: --dtype=bfloat16 on this CPU (no AVX512-BF16 or AMX)")
+    assert logged.messages[0].startswith("warning: --dtype=bfloat16 on this CPU (no AVX512-BF16 or AMX)")

@@ -78,12 +78,12 @@ def test_missing_columns_are_named_in_the_error(tmp_path):
         splits_of(str(tmp_path / "bad.csv"))
 
 
-def test_rows_with_empty_text_or_mr_are_skipped_and_counted(tmp_path, capsys):
+def test_rows_with_empty_text_or_mr_are_skipped_and_counted(tmp_path, logged):
     rows = ROWS[:10] + [{"mr": "", "sentence": "x"}, {"mr": "name[A]", "sentence": None}]
     pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
     ds = splits_of(str(tmp_path / "rows.csv"), validation_fraction=0.2)
     assert len(ds["train"]) + len(ds["validation"]) == 10
-    assert "skipped 2 rows" in capsys.readouterr().out
+    assert "skipped 2 rows" in logged.text
 
 
 def test_empty_dataset_is_refused(tmp_path):

@@ -89,14 +89,15 @@ def test_early_stopping_watches_the_tasks_f1_by_default_and_stops_before_max_ste
     assert state["best_metric"] is not None
 
 
-def test_progress_is_printed_at_most_once_per_interval_and_always_at_the_end(capsys):
+def test_progress_is_printed_at_most_once_per_interval_and_always_at_the_end(logged):
     report = evaluate_cli.progress_printer("m", total=300, every=3600)
     for done in (128, 256, 300):
         report(done)
-    assert capsys.readouterr().out.splitlines() == ["[evaluate] m: 300/300 rows, 0s"]
+    assert logged.messages == ["[evaluate] m: 300/300 rows, 0s"]
+    logged.clear()
     report = evaluate_cli.progress_printer("m", total=300, every=0)
     report(100)
-    assert capsys.readouterr().out.startswith("[evaluate] m: 100/300 rows, 0s, ~0s left")
+    assert logged.messages[0].startswith("[evaluate] m: 100/300 rows, 0s, ~0s left")
 
 
 def test_the_table_prints_long_model_names_whole_and_keeps_the_columns_aligned(capsys):

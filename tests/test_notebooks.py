@@ -24,11 +24,23 @@ PAPERMILL = str(Path(sys.executable).parent / "papermill")
 TINY_JOB = {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 2,
             "extra_args": PROFILES["ci"]["fine_tune"]["extra_args"]}
 TINY_EVAL = {"max_samples": 4, "max_tokens": 16}
+# Warnings a notebook shows from code paths of ours: fixed at their cause (or filtered narrowly where not ours).
+WARNED = re.compile(r"Warning|WARNING|Setting accelerator to CPU|Add type hints|input example")
 SCORED = re.compile(r"\[evaluate\] \S+: F1 \d\.\d{3}")  # what `evaluate` prints per model
 
 
 def outputs_text(path: Path) -> str:
     return json.dumps([c.get("outputs", []) for c in nbformat.read(path, as_version=4).cells])
+
+
+def output_lines(path: Path) -> list[str]:
+    """The lines a person reads under the cells of an executed notebook (streams and text results)."""
+    lines = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            text = output.get("text") or output.get("data", {}).get("text/plain", "")
+            lines += "".join(text).splitlines()
+    return lines
 
 
 def notebook_folder_listing() -> set[str]:
@@ -117,6 +129,11 @@ def test_chain_runner_writes_a_timestamped_folder_and_logs_it_to_the_job_run(tmp
     assert sorted(p.name for p in folder.iterdir()) == sorted(CHAIN)
     evaluation = outputs_text(folder / CHAIN[2])
     assert "runs:/" in evaluation and SCORED.search(evaluation)
+    assert '"image/png"' in json.dumps(nbformat.read(folder / CHAIN[2], as_version=4).cells[-1].outputs)  # base vs tuned
+    fine_tune = output_lines(folder / CHAIN[1])
+    assert len(fine_tune) <= 120 and not [line for line in fine_tune if WARNED.search(line)]
+    assert not [line for line in output_lines(folder / CHAIN[2]) if WARNED.search(line)]
+    assert "[summary] best: checkpoint-2, eval F1" in result.stdout  # the chain ends by saying the job's result
     job = tmp_path / "work" / "checkpoints"
     mlflow.set_tracking_uri(f"sqlite:///{job / 'mlflow.db'}")
     run_id = (job / "mlflow_run_id").read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 
 from conftest import FAKE_SECRETS, QUICK_JOB, run_module
+import databricks_llm
 from databricks_llm import data, tracking
 from databricks_llm.task import E2E_INSTRUCTION, PROMPT_VERSION
 
@@ -118,6 +119,7 @@ def test_model_signature_takes_the_seed_call_and_params_and_the_example_is_a_val
                                                                    "structured_decoding": True}
     assert info.metadata["task"] == "llm/v1/completions"
     assert info.metadata["extraction_task"]["output_format"] == "slots"
+    assert info.metadata["databricks_llm_version"] == databricks_llm.__version__
     example = json.loads(Path(mlflow.artifacts.download_artifacts(
         f"runs:/{run.info.run_id}/final_model/input_example.json")).read_text())
     validation = data.load(data.EMBEDDED_DATASET)[0]["validation"]

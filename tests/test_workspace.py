@@ -157,10 +157,10 @@ def test_on_a_databricks_cluster_runs_go_to_the_workspace_tracking(monkeypatch, 
     assert tracking.tracking_uri(str(tmp_path)) == "databricks"
 
 
-def test_credentials_hint_when_the_notebook_context_is_not_available(monkeypatch, capsys):
+def test_credentials_hint_when_the_notebook_context_is_not_available(monkeypatch, logged):
     monkeypatch.delenv("DATABRICKS_TOKEN", raising=False)
     workspace.export_databricks_credentials({"dbutils": DBUtils()})
-    assert "set DATABRICKS_HOST and DATABRICKS_TOKEN" in capsys.readouterr().out
+    assert "set DATABRICKS_HOST and DATABRICKS_TOKEN" in logged.text
 
 
 def test_an_output_folder_is_never_taken_for_a_hub_id(kernel_folder, tmp_path):
