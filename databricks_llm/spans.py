@@ -197,6 +197,8 @@ def prepared(raw: dict[str, datasets.Dataset], task: Task, source: str, hint: bo
     task's columns that the data lacks are detected again."""
     main = raw["train"] if "train" in raw else next(iter(raw.values()))
     names = main.column_names
+    if task.spans_column and task.spans_column not in names and task.output_column in names:
+        return raw, task  # targets built already (`data.save_prepared`): the task still says they are frames
     probe = task
     if hint:
         absent = {k: None for k in ("input_column", "output_column", "spans_column") if getattr(task, k) not in names}

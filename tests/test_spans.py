@@ -11,6 +11,7 @@ import pytest
 
 from databricks_llm import data, fine_tune
 from databricks_llm.errors import InputError
+from databricks_llm.notebook import chain_parameters
 from databricks_llm.task import Task
 
 SNIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "snips"
@@ -116,3 +117,18 @@ def test_the_snips_folder_loads_as_train_and_validation():
     assert (len(splits["train"]), len(splits["validation"])) == (13084, 700)
     assert task.label_columns == "intent"
     assert all(json.loads(t)["intent"] for t in splits["validation"][data.OUTPUT])
+
+
+def test_prepared_span_data_loads_again_as_the_same_frames_and_task(tmp_path):
+    rows = [{"text": TEXT, "intent": "AddToPlaylist", "slots": SLOTS}, OTHER]
+    splits, task = data.load(write(tmp_path, rows * 2), validation_fraction=0.5, seed=0)
+    data.save_prepared(splits, task, str(tmp_path / "prepared"))
+    again, task_again = data.load(str(tmp_path / "prepared"))
+    assert again["train"][data.OUTPUT] == splits["train"][data.OUTPUT]
+    assert (task_again.spans_column, task_again.label_columns, task_again.output_format) == ("slots", "intent", "json")
+
+
+def test_the_snips_notebook_profile_prepares_the_snips_folder_unless_told_otherwise(tmp_path):
+    prepare = chain_parameters("snips", tmp_path)[0]
+    assert prepare["dataset"] == "../shared/data/snips"
+    assert chain_parameters("snips", tmp_path, dataset="my/spans")[0]["dataset"] == "my/spans"
