@@ -22,7 +22,7 @@ import datasets
 import pandas as pd
 import torch
 
-from databricks_llm import constraints, formats, sample_data
+from databricks_llm import constraints, formats, sample_data, spans
 from databricks_llm.errors import InputError, first_line
 from databricks_llm.task import E2E, E2E_INSTRUCTION, E2E_INSTRUCTIONS, LEGACY_PROMPT_VERSION, TASK_FILE, Task
 from databricks_llm.validation import looks_like_path
@@ -63,10 +63,13 @@ def _split_of(filename: str) -> str | None:
     return None
 
 
-def _cell(value: Any) -> Any:
+def _cells(column: pd.Series) -> pd.Series:
     """A JSON object in a file cell stays one value (a JSON string): as an Arrow struct it would
-    gain every other row's keys as nulls."""
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+    gain every other row's keys as nulls. So does each list of a column holding lists of objects or
+    lists (spans such as `[4, 14, "artist"]` mix types Arrow cannot hold in one list)."""
+    nested = any(isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v) for v in column)
+    return column.map(lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, dict) or (nested and isinstance(v, list))
+                      else v)
 
 
 def _read_table(path: Path) -> datasets.Dataset:
@@ -79,7 +82,7 @@ def _read_table(path: Path) -> datasets.Dataset:
         raise InputError(f"dataset file {path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise InputError(f"cannot read dataset file {path}: {first_line(err)}") from None
-    frame = frame.astype(object).where(frame.notna(), None).map(_cell)
+    frame = frame.astype(object).where(frame.notna(), None).apply(_cells)
     try:
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
     except (TypeError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: a column mixes types
@@ -268,6 +271,7 @@ def load(dataset: str, task: Task = Task(), seed: int = 42, validation_fraction:
         raise InputError(f"dataset {dataset} has no train split (found: {', '.join(raw) or 'none'})")
     main = "train" if "train" in raw else next(iter(raw))  # the split the task is resolved on
     task = dataclasses.replace(defaults.overridden_by(task), prompt_version=task.prompt_version)
+    raw, task = spans.prepared(raw, task, dataset, columns_hint)  # span-annotated rows: JSON targets
     columns = _columns(raw[main].column_names, task, dataset, columns_hint)
     splits = {k: _normalise(k, v, dataset, _columns(v.column_names, task, dataset, columns_hint))
               for k, v in raw.items()}  # each split's own names: files may differ

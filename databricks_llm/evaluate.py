@@ -24,7 +24,7 @@ from typing import Any, Callable
 import datasets
 import mlflow
 
-from databricks_llm import data, logs, models, runs, runtime, tracking, validation
+from databricks_llm import data, frame_metrics, logs, models, runs, runtime, task_metrics, tracking, validation
 from databricks_llm.data import EMBEDDED_DATASET
 from databricks_llm.error_analysis import scores_and_errors, summary_lines
 from databricks_llm.errors import InputError, exit_code, first_line
@@ -92,11 +92,13 @@ def score_model(uri: str, task: Task, inputs: list[str], references: list[str], 
     predictions = generate(model, tokenizer, inputs, task=task, max_tokens=max_tokens, batch_size=batch_size,
                            structured=structured, progress=progress_printer(uri, len(inputs)))
     result = scores_and_errors(task.output_format, predictions, references)
+    result.update(task_metrics.extra_scores(task, predictions, references))
     result.update(seconds=round(time.time() - start, 2), model_uri=uri, predictions=predictions)
     parsed = f", parse rate {result['parse_rate']:.3f}" if "parse_rate" in result else ""
     log.info(f"[evaluate] {uri}: F1 {result['f1']:.3f}{parsed} on {result['n']} rows in {result['seconds']}s")
-    log.info("\n".join(summary_lines(result)))
+    log.info("\n".join(summary_lines(result) + frame_metrics.summary_lines(result)))
     return result
+
 
 
 def progress_printer(label: str, total: int, every: float = 30.0) -> Callable[[int], None]:
@@ -190,7 +192,10 @@ def _run(argv: list[str] | None) -> None:
                            "structured_decoding": args.structured_decoding, **task.params()})
         for row in rows:
             suffix = f"_{row['name']}" if args.compare_run else ""
-            mlflow.log_metrics(metric_dict(row, "", of(task.output_format)), step=row.get("step", 0))
+            mlflow.log_metrics({**metric_dict(row, "", of(task.output_format)), **task_metrics.extra_metrics(row, "")},
+                               step=row.get("step", 0))
+            if "frame" in row:
+                mlflow.log_table(frame_metrics.per_slot_table(row), artifact_file=f"per_slot{suffix}.json")
             correct = [of(task.output_format).exact(p, r) for p, r in zip(row["predictions"], references)]
             mlflow.log_table({"input": inputs, "reference": references, "prediction": row["predictions"],
                               "correct": correct, "errors": row["per_record"]}, artifact_file=f"predictions{suffix}.json")

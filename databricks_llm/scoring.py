@@ -102,7 +102,8 @@ def key_counts(value_pairs: Counter) -> Counter:
     return Counter(key for key, _ in value_pairs.elements())
 
 
-def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of true positive, false positive and false negative counts."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -133,9 +134,9 @@ def score(fmt: Any, predictions: list[str], references: list[str],
                 totals[kind] += count
                 fields.setdefault(key, Counter())[kind] += count
         support.update(key for key, _ in ref.elements())
-    result: dict[str, Any] = dict(zip(("precision", "recall", "f1"), _f1(totals["tp"], totals["fp"], totals["fn"])))
+    result: dict[str, Any] = dict(zip(("precision", "recall", "f1"), precision_recall_f1(totals["tp"], totals["fp"], totals["fn"])))
     kept = [key for key, _ in support.most_common(MAX_FIELDS)]
-    result["per_field"] = {key: _f1(fields[key]["tp"], fields[key]["fp"], fields[key]["fn"])[2] for key in kept}
+    result["per_field"] = {key: precision_recall_f1(fields[key]["tp"], fields[key]["fp"], fields[key]["fn"])[2] for key in kept}
     return {**result, "exact_match": exact / n if n else 0.0, "n": n,
             "parse_rate": sum(p is not None for p in preds) / n if n else 0.0}
 
@@ -145,7 +146,7 @@ def _token_f1(prediction: object, reference: object) -> tuple[float, float, floa
     if not pred and not ref:
         return 1.0, 1.0, 1.0
     common = sum((pred & ref).values())
-    return _f1(common, sum(pred.values()) - common, sum(ref.values()) - common)
+    return precision_recall_f1(common, sum(pred.values()) - common, sum(ref.values()) - common)
 
 
 def _metric_name(field: str) -> str:

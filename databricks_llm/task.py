@@ -37,6 +37,8 @@ class Task:
     instruction: str | None = field(default=None, metadata={"help": "The instruction given with every input, or @path to a UTF-8 file holding it (default: the dataset's, else one per output format)."})
     output_format: str | None = field(default=None, metadata={"help": "slots (key[value], ...), json (one JSON object) or text (default: detected from the training targets); see databricks_llm.formats."})
     prompt_version: str = field(default=PROMPT_VERSION, metadata={"help": "Prompt layout version (set by the job; v2 reproduces models logged before tasks were saved)."})
+    spans_column: str | None = field(default=None, metadata={"help": "Column with each row's labelled spans of the input text ({start, end, label}, {slot, value} or [start, end, label]); the target becomes a JSON object of them (default: detected; see docs/spans.md)."})
+    label_columns: str | None = field(default=None, metadata={"help": "With spans: comma-separated sentence-level label columns (e.g. intent) put first in the target; empty for none (default: detected, columns of few distinct short texts)."})
     schema: str | None = field(default=None, metadata={"help": "The targets' fields, their order and closed values, as JSON (set by the job from the training targets; structured decoding follows it)."})
 
     def checked(self) -> Task:

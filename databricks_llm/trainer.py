@@ -10,6 +10,7 @@ from transformers import Trainer
 
 from databricks_llm.error_analysis import scores_and_errors
 from databricks_llm.formats import of
+from databricks_llm.task_metrics import extra_metrics, extra_scores
 from databricks_llm.generation import generate
 from databricks_llm.scoring import metric_dict
 from databricks_llm.task import Task
@@ -35,7 +36,8 @@ class GenerationEval:
         predictions = generate(model, self.tokenizer, self.inputs, task=self.task, max_tokens=self.max_tokens,
                                batch_size=self.batch_size, structured=self.structured, synced_gpus=self.synced_gpus)
         model.train(was_training)
-        return scores_and_errors(self.task.output_format, predictions, self.references)
+        return {**scores_and_errors(self.task.output_format, predictions, self.references),
+                **extra_scores(self.task, predictions, self.references)}
 
 
 class ExtractionTrainer(Trainer):
@@ -57,7 +59,7 @@ class ExtractionTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.generation_eval is not None and "eval_loss" in logs:
             scores = self.generation_eval(self.model)
-            logs.update(metric_dict(scores, "eval_", of(self.task.output_format)))
+            logs.update({**metric_dict(scores, "eval_", of(self.task.output_format)), **extra_metrics(scores, "eval_")})
             if self.is_world_process_zero():
                 parsed = f", parse rate {scores['parse_rate']:.3f}" if "parse_rate" in scores else ""
                 log.info(f"[eval] step {self.state.global_step}: F1 {scores['f1']:.3f}, exact match "

@@ -20,7 +20,8 @@ def evaluate(job, *flags: str):
 
 def test_training_logs_the_tasks_scores_at_each_evaluation(job):
     client = mlflow.MlflowClient()
-    for metric in ("eval_f1", "eval_slot_f1", "eval_exact_match", "eval_f1_name"):  # slot task: old names kept
+    for metric in ("eval_f1", "eval_slot_f1", "eval_exact_match", "eval_f1_name",  # slot task: old names kept
+                   "eval_exact_match_synonyms"):  # E2E: exact match with synonym labels taken as equal, too
         assert [m.step for m in client.get_metric_history(job.run_id, metric)] == [2, 4]
     assert "[eval] step 2: F1" in job.result.stdout
 
@@ -42,12 +43,12 @@ def test_checkpoint_model_carries_its_eval_metrics(job):
 def test_evaluate_one_checkpoint_writes_json_table_and_an_evaluation_run(job, tmp_path):
     result = evaluate(job, f"--model_uri=runs:/{job.run_id}/checkpoint-4", f"--output_json={tmp_path / 'scores.json'}")
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert {"precision", "recall", "f1", "exact_match", "per_field", "n", "seconds"} <= set(scores)
+    assert {"precision", "recall", "f1", "exact_match", "exact_match_synonyms", "per_field", "n", "seconds"} <= set(scores)
     assert scores["n"] == 4
     assert "precision" in result.stdout and "recall" in result.stdout and "<- best" not in result.stdout
     name = f"evaluate-checkpoint-4@{job.run_id[:8]}-test"  # named by what it scored
     (evaluation,) = mlflow.search_runs(experiment_names=["spec"], filter_string=f"run_name = '{name}'", output_format="list")
-    assert evaluation.data.tags["kind"] == "evaluation" and {"f1", "slot_f1"} <= set(evaluation.data.metrics)
+    assert evaluation.data.tags["kind"] == "evaluation" and {"f1", "slot_f1", "exact_match_synonyms"} <= set(evaluation.data.metrics)
     assert evaluation.data.params["output_format"] == "slots"
     table = mlflow.artifacts.load_dict(f"runs:/{evaluation.info.run_id}/predictions.json")
     assert table["columns"] == ["input", "reference", "prediction", "correct", "errors"] and len(table["data"]) == 4
