@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class FineTuneJob:
             model=model, args=training, processing_class=self.tokenizer, train_dataset=self.tokenized["train"],
             eval_dataset=self.tokenized["validation"] if training.eval_strategy != "no" else None,
             data_collator=data.collator(model, self.tokenizer), callbacks=self._callbacks(run),
-            generation_eval=self._generation_eval(), task=self.task,
+            generation_eval=self._generation_eval(), task=self.task, batch_tokens=self.config.data.batch_tokens,
         )
 
     def train(self) -> None:
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 2 with one line on bad input, before heavy work starts; SIGTERM and
     Ctrl-C end the run KILLED and release the output folder (`runtime.Stop`)."""
     STOP.install()
+    logger = logging.getLogger("databricks_llm")  # this package's log lines (the memory plan's) on stdout
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+        logger.setLevel(logging.INFO)
     return exit_code(lambda: FineTuneJob(job_config.parse(argv, __doc__.split("\n")[0])).run())
 
 
