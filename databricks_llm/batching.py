@@ -38,9 +38,14 @@ def packed_batch(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor
     ids = [t for f in features for t in f["input_ids"]]
     labels = [label for f in features for label in [-100, *f["labels"][1:]]]
     keep = [i for i in range(len(labels) - 1) if labels[i + 1] != -100]
+    lengths = [len(f["input_ids"]) for f in features]
+    bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([[p for f in features for p in range(len(f["input_ids"]))]]),
+            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
             "logits_to_keep": torch.tensor(keep), "shift_labels": torch.tensor([[labels[i + 1] for i in keep]]),
+            # the examples' bounds for FlashAttention's varlen kernels, computed here rather than from the
+            # position ids on the GPU in every layer (as TRL's padding-free collator does); other kernels ignore them
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths), "max_length_k": max(lengths),
             "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
@@ -99,7 +104,9 @@ class TokenBudgetSampler:
 
 class TokenBudgetBatches(Trainer):
     """A Trainer whose training batches, when `batch_tokens` is set, come from `TokenBudgetSampler`
-    and `packed_batch` (evaluation keeps the padded batches of `data_collator`)."""
+    and `pack` (`packed_batch`; evaluation keeps the padded batches of `data_collator`)."""
+
+    pack = staticmethod(packed_batch)
 
     def __init__(self, *args: Any, batch_tokens: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -112,7 +119,7 @@ class TokenBudgetBatches(Trainer):
             return super().get_train_dataloader()
         args, dataset = self.args, self.train_dataset
         sampler = TokenBudgetSampler(dataset["length"], self.batch_tokens, seed=args.data_seed or args.seed)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=packed_batch,
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.pack,
                             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
                             prefetch_factor=args.dataloader_prefetch_factor)

@@ -48,7 +48,7 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (default 0: its mask on every adapted input cost about a tenth of a CPU step)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
-    attn_implementation: str = field(default="auto", metadata={"choices": ["auto", "eager", "sdpa"], "help": "Attention for training: auto is eager for --bf16/--fp16 on a CPU (faster there), else transformers' default, sdpa."})
+    attn_implementation: str = field(default="auto", metadata={"choices": ["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"], "help": "Attention for training: auto is eager for --bf16/--fp16 on a CPU (faster there); with --batch_tokens on a GPU flash_attention_2 where flash-attn is installed, else flex_attention; else transformers' default, sdpa."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
 
@@ -179,6 +179,8 @@ def _check(config: JobConfig) -> None:
         if not model.use_lora:
             raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
         runtime.check_4bit()
+    if training.use_liger_kernel:
+        runtime.check_liger_kernel()
     if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
         raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
     tracking.check_report_to(training.report_to)

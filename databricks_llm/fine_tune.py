@@ -85,7 +85,8 @@ class FineTuneJob:
 
         settings, training = self.config.model, self.training
         frozen_dtype = models.half_dtype(training.bf16, training.fp16) if settings.use_lora else None
-        attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16)
+        attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16,
+                                              packed=bool(self.config.data.batch_tokens))
         model = models.load_model(settings.model, use_4bit=settings.use_4bit, dtype=frozen_dtype,
                                   trust_remote_code=settings.trust_remote_code, attn_implementation=attention)
         print(f"[model] attention: {model.config._attn_implementation}", flush=True)

@@ -34,6 +34,7 @@ def test_packed_batch_is_one_row_with_positions_restarting_at_each_example():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # no loss predicts an example from the one before
     assert batch["logits_to_keep"].tolist() == [0, 1, 3]  # the positions that predict a target token
     assert batch["shift_labels"].tolist() == [[6, 7, 9]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3  # FlashAttention varlen
     assert "attention_mask" not in batch  # transformers reads the examples' bounds from the position ids
 
 
@@ -115,6 +116,16 @@ def test_a_budget_below_the_longest_row_is_refused(tiny_model, tmp_path):
                         "--max_seq_length=256", "--batch_tokens=128")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --batch_tokens=128 is below --max_seq_length=256")
+
+
+def test_packed_batches_train_with_the_cpus_attention_and_with_kernels_that_skip_other_examples_on_a_gpu():
+    from databricks_llm.models import training_attention
+
+    if torch.cuda.is_available():
+        assert training_attention("auto", half=True, packed=True) in ("flash_attention_2", "flex_attention")
+    else:
+        assert training_attention("auto", half=False, packed=True) is None  # as unpacked: SDPA
+        assert training_attention("auto", half=True, packed=True) == "eager"
 
 
 @pytest.mark.slow
