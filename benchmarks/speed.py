@@ -153,15 +153,21 @@ def training_flops(model, rows, lora: bool, shared_prefix_batch_size: int = 1) -
     vocabulary projection counts only where the loss needs it: one position per target token.
     With `shared_prefix_batch_size` > 1 the prompt start all rows share runs once per batch of that
     size (`shared_prefix_batch`; batches whose rows share a longer start do a little less)."""
-    config, head = model.config, model.get_output_embeddings()
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
-    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     shared = len(common_prompt_start(rows)) if shared_prefix_batch_size > 1 else 0
     reused = len(rows) - -(-len(rows) // shared_prefix_batch_size)  # rows that reuse their batch's prefix
     tokens = sum(len(r["input_ids"]) for r in rows) - reused * shared
     targets = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
     squares = sum(len(r["input_ids"]) ** 2 for r in rows) - reused * shared ** 2
+    return flops_of(model, tokens, targets, squares, lora)
+
+
+def flops_of(model, tokens: int, targets: int, squares: int, lora: bool) -> float:
+    """Training FLOPs of `tokens` non-pad tokens, `targets` of them predicted, in examples whose
+    squared lengths sum to `squares` (attention): see `training_flops`."""
+    config, head = model.config, model.get_output_embeddings()
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     per_token = (4 * linear + 6 * adapters) if lora else 6 * linear
     per_target = (4 if lora else 6) * head.weight.numel()
     attention = 3 * 4 * config.num_hidden_layers * config.hidden_size * squares / 2  # causal: half the scores
