@@ -54,7 +54,7 @@ def closure(names):
 
 
 if sys.argv[1] == "all":
-    tops = [Requirement(l.split("#")[0]).name for l in open("requirements.txt") if l.split("#")[0].strip()]
+    tops = [Requirement(l.split("#")[0].strip()).name for l in open("requirements.txt") if l.split("#")[0].strip()]
 else:
     sys.path[:0] = [".", "benchmarks"]
     for module in ("gpu_user_scale", "databricks_llm.batching", "databricks_llm.memory_plan", "databricks_llm.data",
