@@ -19,6 +19,7 @@ real model that stops early would be faster there, and losses and scores mean no
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +29,32 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
 )
+
+
+# Real models' shapes, as in their config.json (benchmarks/gpu.sh builds them on the GPU). Llama-2-7B
+# takes SmolLM2's vocabulary (49,152, as in issue #30's table) so that one tokenizer serves every
+# trainer; Llama-3-8B keeps its 128,256 (larger than the tokenizer's: ids stay in range).
+SHAPES = {
+    "smollm2-1.7b": dict(model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                         tie_word_embeddings=True, rope_theta=130000.0, max_position_embeddings=8192),
+    "llama-2-7b": dict(model_type="llama", vocab_size=49152, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       tie_word_embeddings=False, max_position_embeddings=4096),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192),
+    "tiny": dict(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),  # CPU smoke test
+}
+
+
+def save_shape(name: str, output: str) -> Path:
+    """A folder holding only the config.json of `SHAPES[name]` (a few hundred bytes)."""
+    target = Path(output)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps({**SHAPES[name], "architectures": ["LlamaForCausalLM"]}))
+    return target
 
 
 def save_shapes(model: str, output: str) -> Path:

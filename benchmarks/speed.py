@@ -24,9 +24,11 @@ min..max). Timings are per process, never asserted anywhere; docs/benchmarks.md 
                          frozen weights, as fine_tune --bf16 loads them) with SDPA and with eager
                          attention (fine_tune's choice for bf16 on a CPU), micro-batches of 16 and 32,
                          the prompt start shared by every row run once per batch (bf16, eager, 8/16/32),
-                         and packing (each batch's rows end to end in one row, attention kept within
-                         rows by transformers' packed-sequence mask). Useful tokens/s and MFU, each
-                         against the matmul peak of its own dtype.
+                         packing (each batch's rows end to end in one row, attention kept within
+                         rows by transformers' packed-sequence mask) and fine_tune's --batch_tokens
+                         (token-budget micro-batches in length order, packed: databricks_llm/batching.py;
+                         budget --batch_tokens, default the rows' mean length x --batch_size).
+                         Useful tokens/s and MFU, each against the matmul peak of its own dtype.
 """
 
 from __future__ import annotations
@@ -98,11 +100,12 @@ def seed_style(row: dict, pad: int) -> dict:
             "attention_mask": [1] * len(ids) + [0] * padding}
 
 
-def trainer(model, rows, collator, args, out: str, **overrides):
-    from transformers import Trainer, TrainingArguments
+def trainer(model, rows, collator, args, out: str, batch_tokens: int | None = None, **overrides):
+    from transformers import TrainingArguments
 
     from transformers import DynamicCache
 
+    from databricks_llm.batching import TokenBudgetBatches
     from databricks_llm.generation import cache_argument
 
     def prefix_cache(model, prefix: torch.Tensor):
@@ -111,7 +114,7 @@ def trainer(model, rows, collator, args, out: str, **overrides):
         model(input_ids=prefix, use_cache=True, **{cache_argument(model): cache})
         return cache
 
-    class PrefixSharingTrainer(Trainer):
+    class PrefixSharingTrainer(TokenBudgetBatches):
         """Takes `shared_prefix_batch`'s batches too: their prefix runs once, with gradients, and
         every row attends to its keys and values."""
 
@@ -128,12 +131,12 @@ def trainer(model, rows, collator, args, out: str, **overrides):
                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, seed=0)
     settings.update(overrides)
     return PrefixSharingTrainer(model=model, args=TrainingArguments(**settings), train_dataset=rows,
-                                data_collator=collator)
+                                data_collator=collator, batch_tokens=batch_tokens)
 
 
-def train_seconds(model, rows, collator, args, **overrides) -> float:
+def train_seconds(model, rows, collator, args, batch_tokens: int | None = None, **overrides) -> float:
     with tempfile.TemporaryDirectory() as out:
-        return trainer(model, rows, collator, args, out, **overrides).train().metrics["train_runtime"]
+        return trainer(model, rows, collator, args, out, batch_tokens, **overrides).train().metrics["train_runtime"]
 
 
 def matmul_peak(dtype: torch.dtype, device: str, sizes: tuple[int, ...] = (1024, 2048), seconds: float = 3.0) -> float:
@@ -158,15 +161,21 @@ def training_flops(model, rows, lora: bool, shared_prefix_batch_size: int = 1) -
     vocabulary projection counts only where the loss needs it: one position per target token.
     With `shared_prefix_batch_size` > 1 the prompt start all rows share runs once per batch of that
     size (`shared_prefix_batch`; batches whose rows share a longer start do a little less)."""
-    config, head = model.config, model.get_output_embeddings()
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
-    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     shared = len(common_prompt_start(rows)) if shared_prefix_batch_size > 1 else 0
     reused = len(rows) - -(-len(rows) // shared_prefix_batch_size)  # rows that reuse their batch's prefix
     tokens = sum(len(r["input_ids"]) for r in rows) - reused * shared
     targets = sum(sum(1 for label in r["labels"] if label != -100) for r in rows)
     squares = sum(len(r["input_ids"]) ** 2 for r in rows) - reused * shared ** 2
+    return flops_of(model, tokens, targets, squares, lora)
+
+
+def flops_of(model, tokens: int, targets: int, squares: int, lora: bool) -> float:
+    """Training FLOPs of `tokens` non-pad tokens, `targets` of them predicted, in examples whose
+    squared lengths sum to `squares` (attention): see `training_flops`."""
+    config, head = model.config, model.get_output_embeddings()
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and m is not head)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     per_token = (4 * linear + 6 * adapters) if lora else 6 * linear
     per_target = (4 if lora else 6) * head.weight.numel()
     attention = 3 * 4 * config.num_hidden_layers * config.hidden_size * squares / 2  # causal: half the scores
@@ -193,18 +202,6 @@ def measure_tokens_and_mfu(model, tokenizer, train, args) -> None:
     lora = hasattr(model, "peft_config")
     flops = [training_flops(model, rows, lora) * t / useful for t in ours]  # FLOP/s of each repeat
     summary("mfu", [f / 1e12 for f in flops], [peak / 1e12], " TFLOP/s")
-
-
-def packed_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    """The batch as one row: rows end to end, position ids restarting at each row (transformers then
-    confines attention to each row), logits only at the positions that predict a target token."""
-    ids = [t for f in features for t in f["input_ids"]]
-    labels = [t for f in features for t in f["labels"]]
-    keep = [i for i in range(len(labels) - 1) if labels[i + 1] != -100]
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([[p for f in features for p in range(len(f["input_ids"]))]]),
-            "logits_to_keep": torch.tensor(keep), "shift_labels": torch.tensor([[labels[i + 1] for i in keep]]),
-            "use_cache": False}  # with a cache, transformers would not look for packed rows
 
 
 def common_prompt_start(rows: list[dict], minimum: int = 16) -> list[int]:
@@ -236,7 +233,8 @@ def shared_prefix_batch(features: list[dict], pad_token_id: int) -> dict[str, to
     return batch
 
 
-LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, shared (prefix once), packed, or ours without a KV cache, attention)
+LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, shared (prefix once), packed, budget (packed
+    # token-budget batches), or ours without a KV cache, attention)
     "fused_adamw": ({"optim": "adamw_torch_fused"}, "ours", "sdpa"),
     "torch_compile": ({"torch_compile": True}, "ours", "sdpa"),
     "bf16_autocast": ({"bf16": True}, "ours", "sdpa"),
@@ -249,6 +247,7 @@ LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, shared (prefi
     "batch_16": ({"per_device_train_batch_size": 16}, "ours", "sdpa"),
     "batch_32": ({"per_device_train_batch_size": 32}, "ours", "sdpa"),
     "packing": ({}, "packed", "sdpa"),
+    "batch_tokens": ({}, "budget", "sdpa"),
     "no_kv_cache": ({}, "no_cache", "sdpa"),
 }
 
@@ -256,6 +255,7 @@ LEVERS = {  # name -> (TrainingArguments overrides, batches: ours, shared (prefi
 def measure_levers(model, tokenizer, train, args) -> None:
     """Each lever against the default step, same rows, alternated over the repeats; a lever's first
     run (compilation, first shapes) is warm-up. bf16 trains a second model whose frozen weights are bf16."""
+    from databricks_llm.batching import packed_batch
     from databricks_llm.data import collator
 
     rows = train.select(range(args.steps * args.batch_size))
@@ -263,7 +263,9 @@ def measure_levers(model, tokenizer, train, args) -> None:
     lora = hasattr(model, "peft_config")
     half = benchmark_model(args.model, torch.bfloat16, lora, args.lora_dropout)
     ours = collator(model, tokenizer)
-    batches = {"ours": ours, "packed": packed_batch, "no_cache": lambda features: {**ours(features), "use_cache": False},
+    budget = args.batch_tokens or round(sum(rows["length"]) / len(rows) * args.batch_size)
+    batches = {"ours": ours, "packed": packed_batch, "budget": None,
+               "no_cache": lambda features: {**ours(features), "use_cache": False},
                "shared": lambda features: shared_prefix_batch(features, tokenizer.pad_token_id)}
     levers = {"default": ({}, "ours", "sdpa"), **{name: LEVERS[name] for name in args.levers.split(",")}}
 
@@ -271,7 +273,7 @@ def measure_levers(model, tokenizer, train, args) -> None:
         overrides, kind, attention = levers[name]
         trained = half if "bf16" in overrides else model
         (trained.get_base_model() if lora else trained).set_attn_implementation(attention)
-        return train_seconds(trained, rows, batches[kind], args, **overrides)
+        return train_seconds(trained, rows, batches[kind], args, budget if kind == "budget" else None, **overrides)
 
     for name in levers:  # warm-up, untimed
         run(name)
@@ -418,6 +420,7 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lora_dropout", type=float, default=ModelArguments.lora_dropout, help="default: fine_tune's")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_tokens", type=int, default=None, help="token budget of the batch_tokens lever")
     parser.add_argument("--steps", type=int, default=8, help="steps per timed run of measures 1 and 4 (enough to amortise the Trainer start)")
     parser.add_argument("--tracking_steps", type=int, default=25, help="steps per timed run of measure 2")
     parser.add_argument("--tracking_batch_size", type=int, default=2, help="small: short steps make the overhead show")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class DataArguments:
     dataset: str = field(default=EMBEDDED_DATASET, metadata={"help": "Hub id (E2E layout), local CSV/JSONL/parquet file or folder, a save_to_disk folder, or the embedded sample."})
     max_seq_length: int = field(default=256, metadata={"help": "Longest prompt+target in tokens; longer targets are cut (counted in the log)."})
+    batch_tokens: int | None = field(default=None, metadata={"help": "Training micro-batches of as many rows as fit this many tokens, in length order, packed end to end without padding (databricks_llm/batching.py); --per_device_train_batch_size then applies to evaluation only. Default: off on CPU (slower there), the memory plan's budget on GPU."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows (quick runs)."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on the first N validation rows (0: all)."})
     eval_generation_samples: int = field(default=32, metadata={"help": "At each evaluation, generate for this many seeded validation rows and log the task's F1 and exact match (0: off)."})
@@ -50,7 +51,7 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (default 0: its mask on every adapted input cost about a tenth of a CPU step)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or all-linear (every linear layer but lm_head)."})
-    attn_implementation: str = field(default="auto", metadata={"choices": ["auto", "eager", "sdpa"], "help": "Attention for training: auto is eager for --bf16/--fp16 on a CPU (faster there), else transformers' default, sdpa."})
+    attn_implementation: str = field(default="auto", metadata={"choices": ["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"], "help": "Attention for training: auto is eager for --bf16/--fp16 on a CPU (faster there); with --batch_tokens on a GPU flash_attention_2 where flash-attn is installed, else flex_attention; else transformers' default, sdpa."})
     merge_adapter: bool = field(default=False, metadata={"help": "Also write the LoRA-merged full model to <final_model_output_path>/merged."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
 
@@ -58,7 +59,7 @@ class ModelArguments:
 @dataclass
 class JobArguments:
     final_model_output_path: str | None = field(default=None, metadata={"help": "Where rank 0 writes the final model and tokenizer (default: <output_dir>/final_model)."})
-    deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed)."})
+    deepspeed_config: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (alias: --deepspeed); auto: on a GPU the memory plan's choice (databricks_llm/memory_plan.py), on a CPU ds_configs/ds_zero_2.json. On GPU jobs without this flag the memory plan picks too."})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of --metric_for_best_model (default: the task's eval_f1 when generation evaluation is on; turns on load_best_model_at_end)."})
     registered_model_name: str | None = field(default=None, metadata={"help": "Register the final model under this name in the MLflow Model Registry."})
     save_minutes: str | None = field(default=None, metadata={"help": "Also save a checkpoint once training has run this many minutes, comma-separated (e.g. 5,10,20): checkpoints of a time budget."})
@@ -102,7 +103,7 @@ _ALIASES = {"--evaluation_strategy": "--eval_strategy", "--deepspeed": "--deepsp
 # through to the first optimizer step); every other number must at least be finite.
 RANGES = {
     "lora_r": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": PROBABILITY, "max_seq_length": POSITIVE,
-    "max_train_samples": POSITIVE, "max_eval_samples": NON_NEGATIVE, "eval_generation_samples": NON_NEGATIVE,
+    "batch_tokens": POSITIVE, "max_train_samples": POSITIVE, "max_eval_samples": NON_NEGATIVE, "eval_generation_samples": NON_NEGATIVE,
     "early_stopping_patience": NON_NEGATIVE, "validation_fraction": FRACTION, "augment_names": Range(0, 1),
     "learning_rate": POSITIVE, "num_train_epochs": NON_NEGATIVE, "max_steps": Range(-1),
     "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
@@ -136,11 +137,12 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
     import torch
     from transformers import TrainingArguments
 
-    from databricks_llm import runtime, tracking, validation
+    from databricks_llm import memory_plan, runtime, tracking, validation
 
     parser = validation.argument_parser((*GROUPS, TrainingArguments), description=description)
     parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
-    namespace, unknown = parser.parse_known_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    args = normalise_argv(sys.argv[1:] if argv is None else argv)
+    namespace, unknown = parser.parse_known_args(args)
     if unknown:
         raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
     runtime.check_precision(namespace.fp16, namespace.bf16)
@@ -162,10 +164,11 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
         validation.check_ranges(group, RANGES)
     validation.check_writable(training.output_dir, "--output_dir")  # before the tracking defaults use it
     config = JobConfig(data, task.checked(), model, job, training, tracking.TrackingSettings.from_env(training.output_dir))
+    memory_plan.apply(config, memory_plan.given_flags(args))  # GPU jobs: before the checks of what it sets
     _check(config)
     if training.resume_from_checkpoint:
         config.training = dataclasses.replace(
-            training, resume_from_checkpoint=resume_checkpoint(training.resume_from_checkpoint, training.output_dir))
+            config.training, resume_from_checkpoint=resume_checkpoint(training.resume_from_checkpoint, training.output_dir))
     _check_model(config)
     return config
 
@@ -179,10 +182,15 @@ def _check(config: JobConfig) -> None:
         if not model.use_lora:
             raise InputError("--use_4bit needs --use_lora=true (4-bit weights cannot be fine-tuned directly)")
         runtime.check_4bit()
+    if training.use_liger_kernel:
+        runtime.check_liger_kernel()
     if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
         raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
     tracking.check_report_to(training.report_to)
-    if config.job.deepspeed_config:
+    if config.data.batch_tokens and config.data.batch_tokens < config.data.max_seq_length:
+        raise InputError(f"--batch_tokens={config.data.batch_tokens} is below --max_seq_length={config.data.max_seq_length}: "
+                         "a micro-batch must hold the longest row")
+    if config.job.deepspeed_config:  # "auto" was resolved by the memory plan
         runtime.check_deepspeed_config(config.job.deepspeed_config, training)
         runtime.check_op_build_locks()
     validation.check_writable(config.job.final_model_output_path, "--final_model_output_path")

@@ -92,7 +92,8 @@ class FineTuneJob:
 
         settings, training = self.config.model, self.training
         frozen_dtype = models.half_dtype(training.bf16, training.fp16) if settings.use_lora else None
-        attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16)
+        attention = models.training_attention(settings.attn_implementation, training.bf16 or training.fp16,
+                                              packed=bool(self.config.data.batch_tokens))
         model = models.load_model(settings.model, use_4bit=settings.use_4bit, dtype=frozen_dtype,
                                   trust_remote_code=settings.trust_remote_code, attn_implementation=attention)
         log.info(f"[model] attention: {model.config._attn_implementation}")
@@ -106,7 +107,7 @@ class FineTuneJob:
             model=model, args=training, processing_class=self.tokenizer, train_dataset=self.tokenized["train"],
             eval_dataset=self.tokenized["validation"] if training.eval_strategy != "no" else None,
             data_collator=data.collator(model, self.tokenizer), callbacks=self._callbacks(run),
-            generation_eval=self._generation_eval(), task=self.task,
+            generation_eval=self._generation_eval(), task=self.task, batch_tokens=self.config.data.batch_tokens,
         )
 
     def train(self) -> None:

@@ -267,12 +267,19 @@ def half_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
 
 
-def training_attention(requested: str, half: bool) -> str | None:
+def training_attention(requested: str, half: bool, packed: bool = False) -> str | None:
     """The attention implementation to train with. `auto` is eager for 16-bit training on a CPU,
-    where SDPA's bf16 backward made a LoRA step 1.16x slower (docs/benchmarks.md), and otherwise
-    None: transformers' default (SDPA)."""
+    where SDPA's bf16 backward made a LoRA step 1.16x slower (docs/benchmarks.md); for packed
+    batches (`--batch_tokens`) on a GPU, kernels that skip the attention between packed examples:
+    FlashAttention's variable-length ones where flash-attn is installed, else torch's FlexAttention
+    (SDPA would compute the whole packed row's scores under a dense mask); otherwise None:
+    transformers' default (SDPA)."""
     if requested != "auto":
         return requested
+    if packed and torch.cuda.is_available():
+        import importlib.util
+
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
     return "eager" if half and not torch.cuda.is_available() else None
 
 

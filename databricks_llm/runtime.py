@@ -168,6 +168,18 @@ def check_4bit() -> None:
         raise InputError("--use_4bit needs a CUDA GPU for bitsandbytes 4-bit kernels (none found)")
 
 
+def check_liger_kernel() -> None:
+    """`--use_liger_kernel` (fused RMSNorm, SwiGLU, RoPE and linear cross-entropy for Llama, Mistral,
+    Qwen and the other families liger-kernel lists) needs the liger-kernel package, whose kernels are triton's: a CUDA GPU. Not in requirements.txt:
+    it brings triton, which CPU installs do not need (benchmarks/gpu_wheels.sh fetches it)."""
+    from transformers.utils import is_liger_kernel_available
+
+    if not is_liger_kernel_available():
+        raise InputError("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel; it brings triton)")
+    if not torch.cuda.is_available():
+        raise InputError("--use_liger_kernel needs a CUDA GPU (its kernels are triton's; none found)")
+
+
 def check_deepspeed_config(path: str, training: Any) -> None:
     """The DeepSpeed JSON is an object, its ZeRO section passes DeepSpeed's own config model, and
     its batch, accumulation, precision and optimizer values agree with the flags (transformers'

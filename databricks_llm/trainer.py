@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transformers import Trainer
-
+from databricks_llm.batching import TokenBudgetBatches
 from databricks_llm.error_analysis import scores_and_errors
 from databricks_llm.formats import of
 from databricks_llm.task_metrics import extra_metrics, extra_scores
@@ -40,12 +39,12 @@ class GenerationEval:
                 **extra_scores(self.task, predictions, self.references)}
 
 
-class ExtractionTrainer(Trainer):
+class ExtractionTrainer(TokenBudgetBatches):
     """A Trainer whose evaluations add the task's scores (`eval_f1`, `eval_exact_match`,
     `eval_f1_<field>`, `eval_errors_<type>`; slot tasks also `eval_slot_f1`, json tasks
     `eval_json_parse_rate`) to the
     eval metrics before they are logged, and whose saved models (checkpoints and final) hold the
-    task's file.
+    task's file. With `batch_tokens`, training batches are token-budget packed rows (`batching`).
 
     `log` is the Trainer's documented override point: the scores join `evaluate()`'s own metrics
     dict, so every callback, `--metric_for_best_model=eval_f1` and early stopping see them,

@@ -175,9 +175,10 @@ class Launch:
 
 
 def choose_launch(launcher: str = "auto", ds_config: str = "auto", cuda: bool | None = None) -> Launch:
-    """The seed's ZeRO-3 + CPU offload on GPUs; ZeRO-2 on CPU, where generating under ZeRO-3
-    offload takes minutes per handful of sentences; plain `python -m` where DeepSpeed cannot build
-    its CPU ops (no C++ compiler) or on Databricks serverless / Free Edition."""
+    """On GPUs `--deepspeed_config=auto`: the job's memory plan picks ZeRO-3, ZeRO-3 + CPU offload or
+    none from the model and the GPUs (databricks_llm/memory_plan.py); ZeRO-2 on CPU, where generating
+    under ZeRO-3 offload takes minutes per handful of sentences; plain `python -m` where DeepSpeed
+    cannot build its CPU ops (no C++ compiler) or on Databricks serverless / Free Edition."""
     if launcher not in ("auto", "deepspeed", "python"):
         raise ValueError(f"launcher must be auto, deepspeed or python (got {launcher!r})")
     if cuda is None:
@@ -201,6 +202,7 @@ def choose_launch(launcher: str = "auto", ds_config: str = "auto", cuda: bool | 
     if ds_config == "auto":
         if launcher == "python":
             return Launch("python", None, reason + ", no DeepSpeed config")
-        name = "ds_zero_3_cpu_offloading.json" if cuda else "ds_zero_2.json"
-        return Launch(launcher, str(configs / name), f"{reason}, {name}")
+        if cuda:
+            return Launch(launcher, "auto", f"{reason}, DeepSpeed config from the job's memory plan")
+        return Launch(launcher, str(configs / "ds_zero_2.json"), f"{reason}, ds_zero_2.json")
     return Launch(launcher, resolve_path(ds_config) if ds_config else None, f"{reason}, {ds_config or 'no DeepSpeed config'}")

@@ -3,6 +3,7 @@ not checked; the real model's figures are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -33,8 +34,9 @@ def test_speed_benchmark_measures_each_training_lever_against_the_default(tiny_m
                                               "lever_bf16_eager_shared_prefix", "lever_bf16_eager_batch_16",
                                               "lever_bf16_eager_batch_16_shared_prefix", "lever_bf16_eager_batch_32",
                                               "lever_bf16_eager_batch_32_shared_prefix", "lever_batch_16",
-                                              "lever_batch_32", "lever_packing", "lever_no_kv_cache"]
-    assert result.stdout.count("  MFU ") == 14
+                                              "lever_batch_32", "lever_packing", "lever_batch_tokens",
+                                              "lever_no_kv_cache"]
+    assert result.stdout.count("  MFU ") == 15
 
 
 def test_speed_benchmark_measures_only_the_levers_asked_for(tiny_model):
@@ -49,25 +51,6 @@ def test_speed_benchmark_refuses_an_unknown_lever_before_loading_anything():
     result = run_module(str(REPO / "benchmarks" / "speed.py"), "--levers=warp_drive", launcher=[sys.executable], cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("unknown lever warp_drive (see --help)")
-
-
-def test_packed_rows_give_the_loss_of_the_padded_batch(tiny_model):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from speed import packed_batch
-
-    from databricks_llm import data
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    splits, task = data.load("embedded:e2e-sample")
-    rows = list(data.tokenize_splits(splits, tokenizer, 256, task)["train"].select(range(4)))
-    with torch.no_grad():
-        padded = model(**data.collator(model, tokenizer)(rows)).loss
-        packed = model(**packed_batch(rows)).loss
-    assert torch.allclose(padded, packed, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -140,6 +123,42 @@ def test_gpu_script_stops_at_once_without_cuda_with_one_error_line(tmp_path):
         "error: benchmarks/gpu.sh needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
         "GPU figures are not measured here"]
     assert result.stdout == "" and not (tmp_path / "work").exists()  # nothing started, nothing written
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the script would run")
+@pytest.mark.parametrize("command", [["part", "llama7b"], ["table"]])
+def test_each_gpu_part_stops_at_once_without_cuda(tmp_path, command):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), *command], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHON": sys.executable, "WORK": str(tmp_path / "work")})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: benchmarks/gpu.sh needs a CUDA GPU") and not (tmp_path / "work").exists()
+
+
+def test_gpu_script_lists_parts_of_the_user_scale_measurements():
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "parts"], capture_output=True, text=True)
+    assert {"peak", "llama7b", "llama7b_trl", "qlora7b", "llama3_8b_24gb"} <= set(result.stdout.split())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the script would run")
+def test_user_scale_measurement_stops_at_once_without_cuda():
+    result = run_module(str(REPO / "benchmarks" / "gpu_user_scale.py"), "--shape=llama-2-7b", launcher=[sys.executable],
+                        cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: benchmarks/gpu_user_scale.py needs a CUDA GPU and this machine has none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ours", "seed", "trl_padding_free"])
+def test_user_scale_measurement_runs_each_trainer_on_a_tiny_shape(tmp_path, trainer):
+    """The CPU smoke test of the GPU script's code: a tiny shape, one short window."""
+    result = run_module(str(REPO / "benchmarks" / "gpu_user_scale.py"), "--allow_cpu", "--shape=tiny", f"--trainer={trainer}",
+                        "--dataset=embedded:e2e-sample", "--rows=200", "--seconds=2", "--warmup_steps=1", "--repeats=1",
+                        "--peak_tflops=1", f"--results={tmp_path / 'r.jsonl'}", launcher=[sys.executable], cwd=REPO,
+                        timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (line,) = (tmp_path / "r.jsonl").read_text().splitlines()
+    measured = json.loads(line)
+    assert measured["trainer"] == trainer and measured["useful_tokens_per_s"] > 0 and 0 < measured["mfu"]
 
 
 def test_trl_peer_benchmark_quick_mode_prints_both_ratios(tiny_model):

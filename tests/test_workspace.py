@@ -46,9 +46,10 @@ def test_base_path_takes_relative_outputs_but_not_project_files(kernel_folder, t
     assert workspace.resolve_path("ds_configs/ds_zero_3.json", base) == str(REPO / "ds_configs" / "ds_zero_3.json")
 
 
-def test_gpu_keeps_the_seed_defaults():
+def test_gpu_leaves_the_zero_stage_to_the_jobs_memory_plan():
     launch = workspace.choose_launch(cuda=True)
-    assert (launch.launcher, Path(launch.ds_config).name) == ("deepspeed", "ds_zero_3_cpu_offloading.json")
+    assert (launch.launcher, launch.ds_config) == ("deepspeed", "auto")
+    assert "memory plan" in launch.reason
 
 
 def test_cpu_with_a_compiler_gets_zero2_and_says_why(monkeypatch):
