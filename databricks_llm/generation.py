@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import math
 from typing import Any, Callable
 
 import torch
@@ -17,16 +16,19 @@ from databricks_llm.errors import InputError
 from databricks_llm.task import E2E, Task
 
 MAX_TOKENS_CAP = 512
+MAX_TEMPERATURE = 10.0  # past this sampling is noise; huge values overflow the logits' division in torch
+MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows float32 logits (use 0: greedy)
 STRUCTURED_DEFAULT = True  # structured decoding (`constraints`) unless a caller says otherwise: measured to help (docs/benchmarks.md)
 MAX_INPUT_CHARS = 4000
 
 
 def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> tuple[float, int]:
     """The one check of generation settings, for serving requests and `evaluate` flags alike:
-    a finite temperature >= 0 and an integer max_tokens in 1..MAX_TOKENS_CAP. `prefix` names
-    where they came from in the message (`row 3: `, `--`)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"{prefix}temperature must be a finite number >= 0 (got {temperature})")
+    temperature 0 (greedy) or in MIN_TEMPERATURE..MAX_TEMPERATURE, and an integer max_tokens in
+    1..MAX_TOKENS_CAP. `prefix` names where they came from in the message (`row 3: `, `--`)."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN fails both
+        raise InputError(f"{prefix}temperature must be a finite number, 0 (greedy) or in "
+                         f"{MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g} (got {temperature})")
     if not (0 < max_tokens <= MAX_TOKENS_CAP and max_tokens == int(max_tokens)):
         raise InputError(f"{prefix}max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
     return float(temperature), int(max_tokens)

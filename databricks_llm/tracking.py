@@ -26,6 +26,7 @@ from typing import Any, Callable
 import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
 from databricks_llm import runtime, validation
 from databricks_llm.errors import InputError, first_line
@@ -39,11 +40,13 @@ DEFAULT_EXPERIMENT = "databricks_llm"
 # as GenAI "Agent versions".
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id"
-# The seed's call passes an int max_tokens; MLflow then needs it in every row of a request or in none.
+# A row's settings are `Any` columns: with typed ones, MLflow's server casts a request's values
+# before the model sees them ("false" -> True, 10.5 -> 10); the pyfunc checks their types itself.
 # The same settings are also declared as params (MLflow's convention); a row's own value wins.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
-                   ColSpec("long", "max_tokens", required=False), ColSpec("boolean", "structured_decoding", required=False)]),
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec(AnyType(), "temperature", required=False),
+                   ColSpec(AnyType(), "max_tokens", required=False),
+                   ColSpec(AnyType(), "structured_decoding", required=False)]),
     outputs=Schema([ColSpec("string")]),
     params=ParamSchema([ParamSpec("temperature", "double", 0.0), ParamSpec("max_tokens", "long", 128),
                         ParamSpec("structured_decoding", "boolean", STRUCTURED_DEFAULT)]),

@@ -30,8 +30,29 @@ def parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, yes/no, on/off or 1/0 (got {value!r})")
 
 
+def strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with abbreviations off (`--learning_rat=0.1` is not --learning_rate), every unknown
+    flag refused, and its errors raised as InputErrors (one `error:` line, exit 2) instead of
+    argparse's usage text."""
+    parser.allow_abbrev = False
+    parse_known_args = parser.parse_known_args
+
+    def fail(message: str) -> None:
+        raise InputError(message)
+
+    def parse_known_args_strictly(args=None, namespace=None):
+        namespace, unknown = parse_known_args(args, namespace)
+        if unknown:
+            raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
+        return namespace, []
+
+    parser.error = fail
+    parser.parse_known_args = parse_known_args_strictly
+    return parser
+
+
 def argument_parser(dataclass_types: Any, description: str):
-    """HfArgumentParser whose errors are InputErrors and whose booleans go through `parse_bool`."""
+    """`strict` HfArgumentParser whose booleans go through `parse_bool`."""
     from transformers import HfArgumentParser
     from transformers.hf_argparser import string_to_bool
 
@@ -39,12 +60,7 @@ def argument_parser(dataclass_types: Any, description: str):
     for action in parser._actions:  # HfArgumentParser builds them from the dataclass fields
         if action.type is string_to_bool:
             action.type = parse_bool
-
-    def fail(message: str) -> None:
-        raise InputError(message)
-
-    parser.error = fail
-    return parser
+    return strict(parser)
 
 
 @dataclass(frozen=True)
