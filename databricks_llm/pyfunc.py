@@ -97,8 +97,11 @@ class CompletionModel(mlflow.pyfunc.PythonModel):
     """Loads the model folder logged as the `model` artifact; generates in batches."""
 
     def load_context(self, context: Any) -> None:
+        from databricks_llm import redaction
         from databricks_llm.models import load_for_inference
         from databricks_llm.task import Task
+
+        redaction.install()  # the serving process's loggers (MLflow's, uvicorn's) too
 
         self.model, self.tokenizer = load_for_inference(context.artifacts["model"])
         self.task = Task.of_model(context.artifacts["model"])

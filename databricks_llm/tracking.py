@@ -299,7 +299,7 @@ def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resum
         mlflow.system_metrics.set_system_metrics_node_id(node_id)
     run_file = Path(output_dir) / RUN_ID_FILE
     run_id = settings.run_id or (run_file.read_text().strip() if resume and run_file.exists() else None)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=settings.nested,
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else redact_text(run_name), nested=settings.nested,
                            log_system_metrics=settings.system_metrics)
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -374,7 +374,7 @@ def log_dataset(frame: Any, source: str, context: str) -> None:
     """Record a split as a run input (MLflow computes its digest)."""
     from mlflow.data.pandas_dataset import from_pandas
 
-    name = Path(source).name if Path(source).exists() else source
+    name = redact_text(Path(source).name if Path(source).exists() else source)
     mlflow.log_input(from_pandas(frame, name=f"{name}:{context}", targets="output"), context=context)
 
 
