@@ -177,6 +177,8 @@ def _check(config: JobConfig) -> None:
     if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
         raise InputError("nothing to train: set --num_train_epochs > 0 or --max_steps > 0")
     tracking.check_report_to(training.report_to)
+    if config.job.registered_model_name is not None:
+        tracking.check_registered_model_name(config.job.registered_model_name, "--registered_model_name")
     if config.job.deepspeed_config:
         runtime.check_deepspeed_config(config.job.deepspeed_config, training)
         runtime.check_op_build_locks()

@@ -34,7 +34,10 @@ def _holder(lock: Path) -> dict | None:
         return None  # unreadable or half-written by a job killed while taking it
     if not isinstance(holder, dict):
         return None
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise InputError(f"{lock} is not a lock a job wrote (pid {pid!r}): delete it if no job is using the folder")
+    if holder.get("host") == socket.gethostname() and not _alive(pid):
         return None
     return holder
 

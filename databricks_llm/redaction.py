@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 # A name part (between `_`, `.`, `-` or the ends) that says secret: HF_TOKEN, MLFLOW_TRACKING_PASSWORD,
 # AWS_SECRET_ACCESS_KEY, hub_token; not TOKENIZERS_PARALLELISM or include_tokens_per_second.
-SECRET_NAME = re.compile(r"(?:^|[_.\-])(?:token|secret|password|passwd|pwd|api_?key|access_?key|credentials?)"
+SECRET_NAME = re.compile(r"(?:^|[_.\-])(?:token|secret|password|passwd|api_?key|access_?key|credentials?)"
                          r"(?:$|[_.\-])", re.IGNORECASE)
 MASK = "***"
 # Values of secret-named variables that are settings, not secrets (HF_HUB_DISABLE_IMPLICIT_TOKEN=1):

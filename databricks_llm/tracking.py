@@ -125,6 +125,23 @@ def check_report_to(report_to: list[str]) -> None:
                          f"(available here: {', '.join(sorted(available)) or 'none'})")
 
 
+MAX_MODEL_NAME_LENGTH = 256  # the registry's name column
+
+
+def check_registered_model_name(name: str, flag: str) -> None:
+    """A name the Model Registry accepts (MLflow's own rule: not blank, no `/` or `:`, no `..`
+    path parts), checked before training rather than refused after it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as err:
+        raise InputError(f"{flag} {name!r} is not a valid model name: {first_line(err.message)}") from None
+    if len(name) > MAX_MODEL_NAME_LENGTH or not name.isprintable():
+        raise InputError(f"{flag} must be printable and at most {MAX_MODEL_NAME_LENGTH} characters (got {len(name)})")
+
+
 def tracking_uri(output_dir: str) -> str:
     """MLFLOW_TRACKING_URI, else Databricks when host+token are set or on a Databricks cluster,
     else <output_dir>/mlflow.db."""
@@ -146,7 +163,7 @@ def connect(settings: TrackingSettings, output_dir: str) -> str:
     (MLflow reads all of these from the environment, so that is where they are set).
     """
     uri, run_id = settings.uri, settings.run_id
-    store = _local_store(uri)
+    store = local_store(uri)
     if run_id and store is not None and not store.exists():
         raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run (the local store {uri} does not exist yet)")
     mlflow.set_tracking_uri(uri)
@@ -210,13 +227,13 @@ def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
     survive(f"marking the run {status}", lambda: mlflow.end_run(status))
 
 
-def _local_store(uri: str) -> Path | None:
+def local_store(uri: str) -> Path | None:
     """The SQLite file behind a `sqlite:///` URI, else None."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _reserve_path() -> Path | None:
-    store = _local_store(mlflow.get_tracking_uri())
+    store = local_store(mlflow.get_tracking_uri())
     return store.with_name(RESERVE_FILE) if store is not None else None
 
 

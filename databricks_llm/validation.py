@@ -185,3 +185,13 @@ def check_writable(value: str, what: str) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
         raise InputError(f"{what} {path} is not writable (creating a file in {existing} failed: {err.strerror})") from None
+
+
+def check_writable_file(value: str, what: str) -> None:
+    """`value` names a file that can be written here: not a folder, its folder `check_writable`."""
+    if not value.strip():
+        raise InputError(f"{what} is empty")
+    path = Path(value)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    check_writable(str(path.parent), f"{what} {path}: the folder")

@@ -123,7 +123,7 @@ def test_secret_names_are_name_parts_and_everyday_values_are_never_secrets(monke
     from databricks_llm.redaction import SECRET_NAME, secret_values
 
     assert all(SECRET_NAME.search(n) for n in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "hub_token"))
-    assert not any(SECRET_NAME.search(n) for n in ("TOKENIZERS_PARALLELISM", "include_tokens_per_second", "max_tokens"))
+    assert not any(SECRET_NAME.search(n) for n in ("TOKENIZERS_PARALLELISM", "include_tokens_per_second", "max_tokens", "PWD"))
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "true")
     monkeypatch.setenv("SHORT_TOKEN", "abc")
     assert not {"true", "abc"} & secret_values()
