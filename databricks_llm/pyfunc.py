@@ -86,7 +86,7 @@ def _setting(row: dict, defaults: dict, key: str, fallback: Any, sent_as_nan: se
         raise InputError(f"{where}{key} must be a JSON number (got {value!r})")
     if key == "max_tokens" and not (math.isfinite(value) and value == int(value)):
         raise InputError(f"{where}max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {value!r})")
-    return float(value)
+    return value if key == "max_tokens" else float(value)
 
 
 def _is_nan(value: Any) -> bool:

@@ -96,16 +96,20 @@ class TrackingSettings:
 
     @classmethod
     def from_env(cls, output_dir: str) -> TrackingSettings:
-        """The settings for a job writing to `output_dir`; a malformed variable is an InputError
-        naming it, before anything is loaded or written."""
+        """The settings for a job writing to `output_dir`; a malformed variable, or a tracking or
+        registry host that does not answer, is an InputError naming it, before anything is loaded
+        or written."""
         validation.check_env(ENVIRONMENT)
         env = os.environ
 
         def flag(name: str, default: bool) -> bool:
             return validation.boolean(env[name]) if env.get(name) else default
 
+        uri = tracking_uri(output_dir)
+        for target in {uri, env.get("MLFLOW_REGISTRY_URI") or uri}:
+            check_reachable(target)  # seconds, not the clients' minutes of retries
         return cls(
-            uri=tracking_uri(output_dir), experiment=env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+            uri=uri, experiment=env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
             run_id=env.get("MLFLOW_RUN_ID") or None, nested=flag("MLFLOW_NESTED_RUN", False),
             tags=validation.json_object(env["MLFLOW_TAGS"]) if env.get("MLFLOW_TAGS") else {},
             flatten_params=flag("MLFLOW_FLATTEN_PARAMS", False), log_checkpoints=flag("HF_MLFLOW_LOG_ARTIFACTS", True),
@@ -151,6 +155,34 @@ def tracking_uri(output_dir: str) -> str:
             os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         return "databricks"
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+PROBE_SECONDS = 5.0
+
+
+def check_reachable(uri: str) -> None:
+    """A TCP connection to the tracking target's host opens within PROBE_SECONDS (MLflow's and the
+    Databricks SDK's own retries can wait minutes on a host that is down). Local stores pass."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if uri.startswith("databricks"):
+        host = os.environ.get("DATABRICKS_HOST", "")
+        if not host:
+            return  # a profile in ~/.databrickscfg, or a Databricks cluster's own workspace
+        service, url = "Databricks host (DATABRICKS_HOST)", host if "://" in host else f"https://{host}"
+    elif uri.startswith(("http://", "https://")):
+        service, url = "MLflow tracking server", uri
+    else:
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS):
+            pass
+    except (OSError, ValueError) as err:
+        raise InputError(f"{service} {redact_text(url)} is not reachable within {PROBE_SECONDS:g}s: "
+                         f"{first_line(err, 120)}") from None
 
 
 def connect(settings: TrackingSettings, output_dir: str) -> str:
