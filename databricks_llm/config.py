@@ -159,8 +159,10 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
     config = JobConfig(data, task.checked(), model, job, training, tracking.TrackingSettings.from_env(training.output_dir))
     _check(config)
     if training.resume_from_checkpoint:
-        config.training = dataclasses.replace(
-            training, resume_from_checkpoint=resume_checkpoint(training.resume_from_checkpoint, training.output_dir))
+        checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
+        config.training = dataclasses.replace(training, resume_from_checkpoint=checkpoint)
+        if checkpoint is not None:
+            _check_steps_left(checkpoint, training.max_steps)
     _check_model(config)
     return config
 
@@ -201,15 +203,20 @@ def _check_model(config: JobConfig) -> None:
                        trust_remote_code=model.trust_remote_code)
 
 
-def resume_checkpoint(value: str, output_dir: str) -> str:
+def resume_checkpoint(value: str, output_dir: str) -> str | None:
     """`true` means the newest complete checkpoint in --output_dir (a job killed while saving leaves a
-    newer, incomplete folder behind: it is skipped, and the resumed job writes it again); a path must
-    be a complete checkpoint."""
+    newer, incomplete folder behind: it is skipped, and the resumed job writes it again); None when
+    there are only incomplete ones (the job starts over; `quarantine_partial` moves them aside). A
+    path must be a complete checkpoint."""
     if value.lower() == "true":
         folders = checkpoint_folders(output_dir)
         complete = [folder for folder in folders if is_complete(folder)]
-        if not complete:
+        if not folders:
             raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no complete checkpoint")
+        if not complete:
+            print(f"[resume] {output_dir} holds only incomplete checkpoints ({', '.join(f.name for f in folders)}): "
+                  "training starts over", flush=True)
+            return None
         value = str(complete[-1])
         skipped = folders[folders.index(complete[-1]) + 1:]
         if skipped:
@@ -218,6 +225,33 @@ def resume_checkpoint(value: str, output_dir: str) -> str:
     if not is_complete(Path(value)):
         raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no readable trainer_state.json)")
     return value
+
+
+def _check_steps_left(checkpoint: str, max_steps: int) -> None:
+    """A checkpoint at --max_steps has nothing left to train (the Trainer would take one more step)."""
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+    if max_steps > 0 and step >= max_steps:
+        raise InputError(f"--resume_from_checkpoint {checkpoint} is at step {step}, already --max_steps={max_steps}: "
+                         "nothing to train (raise --max_steps to train on)")
+
+
+def quarantine_partial(output_dir: str) -> list[Path]:
+    """Move each incomplete `checkpoint-N` (a job killed or a disk filled while saving) to
+    `partial-checkpoint-N`, where neither a resume nor the Trainer's rotation picks it up; say so."""
+    moved = []
+    for folder in checkpoint_folders(output_dir):
+        if is_complete(folder):
+            continue
+        target = folder.with_name(f"partial-{folder.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"partial-{folder.name}-{n}")
+        folder.rename(target)
+        print(f"[checkpoint] {folder.name} is incomplete (no readable trainer_state.json): moved to {target.name}",
+              flush=True)
+        moved.append(target)
+    return moved
 
 
 def is_complete(checkpoint: Path) -> bool:

@@ -348,6 +348,8 @@ def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resum
         mlflow.system_metrics.set_system_metrics_node_id(node_id)
     run_file = Path(output_dir) / RUN_ID_FILE
     run_id = settings.run_id or (run_file.read_text().strip() if resume and run_file.exists() else None)
+    if run_file.exists() and not run_id:
+        close_left_running(run_file.read_text().strip())
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else redact_text(run_name), nested=settings.nested,
                            log_system_metrics=settings.system_metrics)
     try:
@@ -358,6 +360,20 @@ def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resum
     except BaseException as err:  # a full disk, Ctrl-C: the run must not stay RUNNING
         end_run(status_after(err))
         raise
+
+
+def close_left_running(run_id: str) -> None:
+    """End the folder's previous run as FAILED when it is still RUNNING and not being resumed: its job
+    died (kill -9, a full disk, a server that went away) before it could end it. This job holds the
+    folder's lock, so no job is writing to it."""
+    def close() -> None:
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "databricks_llm.ended_by", "the next job in its folder: its own job died")
+            client.set_terminated(run_id, "FAILED")
+            print(f"[mlflow] run {run_id} was left RUNNING by a job that died: marked FAILED", flush=True)
+
+    survive(f"closing the folder's previous run {run_id}", close)
 
 
 def _node_system_metrics(run_id: str, uri: str, node: int) -> Any:

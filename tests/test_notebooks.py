@@ -229,3 +229,23 @@ def test_fine_tune_notebook_can_train_through_spark(tiny_model, tmp_path, monkey
         " --eval_generation_samples=2"})
     assert (tmp_path / "final" / "adapter_model.safetensors").exists() and (job / "checkpoint-2").is_dir()
     assert "best or last checkpoint: runs:/" in (tmp_path / "out.ipynb").read_text()
+
+
+def test_chains_started_in_the_same_second_get_a_folder_each(tmp_path):
+    from databricks_llm.notebook import unique_folder
+
+    folders = [unique_folder(tmp_path) for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() and f.parent == tmp_path for f in folders)
+
+
+def test_runner_parameters_are_checked_against_each_notebooks_parameters_cell(tmp_path):
+    from databricks_llm.errors import InputError
+    from databricks_llm.notebook import chain_parameters, check_parameters
+
+    for profile in PROFILES:
+        check_parameters(chain_parameters(profile, tmp_path, "some/model", "data.csv"))
+    parameters = chain_parameters("ci", tmp_path)
+    with pytest.raises(InputError, match="02_fine_tune.ipynb has no parameter max_step "):
+        check_parameters([parameters[0], {**parameters[1], "max_step": 3}, parameters[2]])
+    with pytest.raises(InputError, match="02_fine_tune.ipynb parameter max_steps must be int .got 'ten'."):
+        check_parameters([parameters[0], {**parameters[1], "max_steps": "ten"}, parameters[2]])

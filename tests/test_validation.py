@@ -127,3 +127,23 @@ def test_secret_names_are_name_parts_and_everyday_values_are_never_secrets(monke
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "true")
     monkeypatch.setenv("SHORT_TOKEN", "abc")
     assert not {"true", "abc"} & secret_values()
+
+
+def test_a_lock_taken_by_the_launcher_named_in_the_environment_is_shared(tmp_path, monkeypatch):
+    with outputlock.hold(str(tmp_path)):
+        monkeypatch.setenv(outputlock.HOLDER_ENV, str(os.getpid()))
+        with outputlock.hold(str(tmp_path)):  # the chain runner's own job
+            assert (tmp_path / outputlock.LOCK_FILE).exists()
+        assert (tmp_path / outputlock.LOCK_FILE).exists()  # still the runner's
+    assert not (tmp_path / outputlock.LOCK_FILE).exists()
+
+
+def test_a_tracking_host_that_does_not_answer_is_refused_in_seconds_naming_the_service(monkeypatch):
+    from databricks_llm.tracking import check_reachable
+
+    monkeypatch.setenv("DATABRICKS_HOST", "http://127.0.0.1:9")
+    with pytest.raises(InputError, match=r"Databricks host \(DATABRICKS_HOST\) http://127.0.0.1:9 is not reachable"):
+        check_reachable("databricks")
+    with pytest.raises(InputError, match=r"MLflow tracking server http://u:\*\*\*@127.0.0.1:9 is not reachable"):
+        check_reachable("http://u:pw-secret@127.0.0.1:9")
+    check_reachable("sqlite:///x.db")  # local stores are not probed
