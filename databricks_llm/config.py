@@ -147,6 +147,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
         values["load_best_model_at_end"] = True
         if values["metric_for_best_model"] is None and data.eval_generation_samples:
             values["metric_for_best_model"] = "eval_f1"  # the task's metric (greater is better)
+    validation.check_values(values, RANGES)  # as given: TrainingArguments replaces some (--eval_steps=0)
     try:
         training = TrainingArguments(**values)
     except ValueError as err:

@@ -172,16 +172,14 @@ def _run(argv: list[str] | None) -> None:
     args, flags = _parse(argv)
     settings = tracking.TrackingSettings.from_env(args.job_dir)
     datasets.disable_progress_bars()
-    # A local store that does not exist yet is created only to log the results, after every check;
+    # The store is written (a local one created) only to log the results, after every check;
     # runs:/ and models:/ URIs need one that exists.
     store = tracking.local_store(settings.uri)
     reads_store = bool(args.compare_run) or args.model_uri.startswith(("runs:/", "models:/"))
     if store is not None and not store.exists() and reads_store:
         raise InputError(f"{args.compare_run or args.model_uri}: no tracking store at {store} "
                          "(set --job_dir to the fine-tuning job's folder, or MLFLOW_TRACKING_URI)")
-    connected = store is None or store.exists()
-    if connected:
-        tracking.connect(settings, args.job_dir)
+    mlflow.set_tracking_uri(settings.uri)  # to read runs:/ and models:/; the experiment is made only to log
     models_ = candidates(args.compare_run) if args.compare_run else [(None, 0, args.model_uri)]
     saved = saved_task(models_[-1][2])  # a run's checkpoints share one task; its base model is scored on it
     if saved and flags.output_format and flags.output_format != saved.output_format:
@@ -198,8 +196,7 @@ def _run(argv: list[str] | None) -> None:
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
 
-    if not connected:
-        tracking.connect(settings, args.job_dir)
+    tracking.connect(settings, args.job_dir)
     scored = f"compare-{args.compare_run[:8]}" if args.compare_run else tracking.model_label(args.model_uri)
     tags = {"task": "extraction", "output_format": task.output_format, "kind": "evaluation"}
     with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags=tags):

@@ -94,13 +94,18 @@ PROBABILITY = Range(0, 1, high_open=True)
 def check_ranges(values: Any, ranges: Mapping[str, Range]) -> None:
     """Every number of a dataclass instance (parsed flags) is finite and inside `ranges[flag]`
     where given; None means unset and passes."""
-    for f in dataclasses.fields(values):
-        value = getattr(values, f.name)
-        valid = ranges.get(f.name)
+    check_values({f.name: getattr(values, f.name) for f in dataclasses.fields(values)}, ranges)
+
+
+def check_values(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None:
+    """`check_ranges` of flag name -> value (as parsed, before a dataclass's __post_init__ replaces
+    some: TrainingArguments reads --eval_steps=0 as "use --logging_steps")."""
+    for name, value in values.items():
+        valid = ranges.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not math.isfinite(value) or (valid is not None and value not in valid):
-            raise InputError(f"--{f.name} must be {valid or 'finite'} (got {value})")
+            raise InputError(f"--{name} must be {valid or 'finite'} (got {value})")
 
 
 def number(kind: type, valid: Range) -> Callable[[str], float]:
