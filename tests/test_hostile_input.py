@@ -202,7 +202,7 @@ CASES = [
          setup=write("ds.json", json.dumps({**DS, "train_micro_batch_size_per_gpu": 3}))),
     Case("deepspeed_grad_accum_contradicts", ["--deepspeed_config={case}/ds.json"], "gradient_accumulation_steps=4",
          setup=write("ds.json", json.dumps({**DS, "gradient_accumulation_steps": 4}))),
-    Case("deepspeed_op_build_lock_stale", ["--deepspeed_config={case}/ds.json"], "fused_adam/lock is 2",
+    Case("deepspeed_op_build_lock_stale", ["--deepspeed_config={case}/ds.json"], "minutes old: a DeepSpeed op build was killed part-way",
          env={"TORCH_EXTENSIONS_DIR": "{case}/extensions"}, setup=stale_build_lock),
     # environment variables
     Case("mlflow_tags_not_json", [], "MLFLOW_TAGS='{bad' is not valid", env={"MLFLOW_TAGS": "{bad"}),
@@ -545,8 +545,8 @@ REQUESTS = [
 def markdown_table() -> str:
     """The table of docs/hostile-inputs.md: every case, its entry point and the expected refusal."""
     entries = {FINE_TUNE: "fine_tune", EVALUATE: "evaluate", DISTRIBUTED: "distributed", NOTEBOOK: "notebook runner"}
-    rows = [(c.id, entries[c.module], " ".join(c.args) or " ".join(f"{k}=..." for k in c.env) or "(setup)", c.message)
-            for c in CASES]
+    rows = [(c.id, entries[c.module], " ".join([*c.args, *(f"{k}={v}" for k, v in c.env.items())])
+             + (" (+ files the case makes)" if c.setup else ""), c.message) for c in CASES]
     for entry in ("pyfunc (Python)", "REST"):
         for r in REQUESTS:
             shown = json.dumps({"dataframe_records": r.rows, **({"params": r.params} if r.params else {})})
