@@ -141,10 +141,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
 
     parser = validation.argument_parser((*GROUPS, TrainingArguments), description=description)
     parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
-    args = normalise_argv(sys.argv[1:] if argv is None else argv)
-    namespace, unknown = parser.parse_known_args(args)
-    if unknown:
-        raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
+    namespace, _ = parser.parse_known_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     runtime.check_precision(namespace.fp16, namespace.bf16)
     values = vars(namespace)
     data, task, model, job = (group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)}) for group in GROUPS)
@@ -154,6 +151,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
         values["load_best_model_at_end"] = True
         if values["metric_for_best_model"] is None and data.eval_generation_samples:
             values["metric_for_best_model"] = "eval_f1"  # the task's metric (greater is better)
+    validation.check_values(values, RANGES)  # as given: TrainingArguments replaces some (--eval_steps=0)
     try:
         training = TrainingArguments(**values)
     except ValueError as err:
@@ -167,8 +165,10 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
     memory_plan.apply(config, memory_plan.given_flags(args))  # GPU jobs: before the checks of what it sets
     _check(config)
     if training.resume_from_checkpoint:
-        config.training = dataclasses.replace(
-            config.training, resume_from_checkpoint=resume_checkpoint(training.resume_from_checkpoint, training.output_dir))
+        checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
+        config.training = dataclasses.replace(training, resume_from_checkpoint=checkpoint)
+        if checkpoint is not None:
+            _check_steps_left(checkpoint, training.max_steps)
     _check_model(config)
     return config
 
@@ -190,6 +190,8 @@ def _check(config: JobConfig) -> None:
     if config.data.batch_tokens and config.data.batch_tokens < config.data.max_seq_length:
         raise InputError(f"--batch_tokens={config.data.batch_tokens} is below --max_seq_length={config.data.max_seq_length}: "
                          "a micro-batch must hold the longest row")
+    if config.job.registered_model_name is not None:
+        tracking.check_registered_model_name(config.job.registered_model_name, "--registered_model_name")
     if config.job.deepspeed_config:  # "auto" was resolved by the memory plan
         runtime.check_deepspeed_config(config.job.deepspeed_config, training)
         runtime.check_op_build_locks()
@@ -212,15 +214,20 @@ def _check_model(config: JobConfig) -> None:
                        trust_remote_code=model.trust_remote_code)
 
 
-def resume_checkpoint(value: str, output_dir: str) -> str:
+def resume_checkpoint(value: str, output_dir: str) -> str | None:
     """`true` means the newest complete checkpoint in --output_dir (a job killed while saving leaves a
-    newer, incomplete folder behind: it is skipped, and the resumed job writes it again); a path must
-    be a complete checkpoint."""
+    newer, incomplete folder behind: it is skipped, and the resumed job writes it again); None when
+    there are only incomplete ones (the job starts over; `quarantine_partial` moves them aside). A
+    path must be a complete checkpoint."""
     if value.lower() == "true":
         folders = checkpoint_folders(output_dir)
         complete = [folder for folder in folders if is_complete(folder)]
-        if not complete:
+        if not folders:
             raise InputError(f"--resume_from_checkpoint=true but {output_dir} holds no complete checkpoint")
+        if not complete:
+            print(f"[resume] {output_dir} holds only incomplete checkpoints ({', '.join(f.name for f in folders)}): "
+                  "training starts over", flush=True)
+            return None
         value = str(complete[-1])
         skipped = folders[folders.index(complete[-1]) + 1:]
         if skipped:
@@ -228,6 +235,33 @@ def resume_checkpoint(value: str, output_dir: str) -> str:
     if not is_complete(Path(value)):
         raise InputError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no readable trainer_state.json)")
     return value
+
+
+def _check_steps_left(checkpoint: str, max_steps: int) -> None:
+    """A checkpoint at --max_steps has nothing left to train (the Trainer would take one more step)."""
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+    if max_steps > 0 and step >= max_steps:
+        raise InputError(f"--resume_from_checkpoint {checkpoint} is at step {step}, already --max_steps={max_steps}: "
+                         "nothing to train (raise --max_steps to train on)")
+
+
+def quarantine_partial(output_dir: str) -> list[Path]:
+    """Move each incomplete `checkpoint-N` (a job killed or a disk filled while saving) to
+    `partial-checkpoint-N`, where neither a resume nor the Trainer's rotation picks it up; say so."""
+    moved = []
+    for folder in checkpoint_folders(output_dir):
+        if is_complete(folder):
+            continue
+        target = folder.with_name(f"partial-{folder.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"partial-{folder.name}-{n}")
+        folder.rename(target)
+        print(f"[checkpoint] {folder.name} is incomplete (no readable trainer_state.json): moved to {target.name}",
+              flush=True)
+        moved.append(target)
+    return moved
 
 
 def is_complete(checkpoint: Path) -> bool:

@@ -6,6 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from databricks_llm import redaction
 from databricks_llm.redaction import redact_text
 
 
@@ -15,7 +16,9 @@ class InputError(ValueError):
 
 def exit_code(command: Callable[[], object]) -> int:
     """Run a CLI's work: 0 when it succeeds, 2 after one `error: ...` line when the input is bad,
-    130 on Ctrl-C, 1 with a traceback on anything else; all text goes through `redact_text`."""
+    130 on Ctrl-C, 1 with a traceback on anything else; all text goes through `redact_text`, and so
+    does everything the process prints or logs meanwhile (`redaction.install`)."""
+    redaction.install()
     try:
         command()
     except InputError as err:

@@ -32,7 +32,7 @@ from databricks_llm.formats import STRUCTURED_DEFAULT, of
 from databricks_llm.generation import generate
 from databricks_llm.models import EMBEDDED_MODEL
 from databricks_llm.scoring import metric_dict
-from databricks_llm.task import E2E, Task
+from databricks_llm.task import E2E, TASK_FILE, Task
 from databricks_llm.validation import NON_NEGATIVE, POSITIVE, check_settings
 
 log = logging.getLogger("databricks_llm.evaluate")  # by name: this module also runs as __main__
@@ -74,13 +74,18 @@ def load_scorable(uri: str) -> tuple[Any, Any]:
 
 def task_of(uri: str) -> Task:
     """The task saved with a model: in its MLflow metadata or its folder; E2E's when it has none."""
+    return saved_task(uri) or E2E
+
+
+def saved_task(uri: str) -> Task | None:
+    """The task saved with a model, None for models without one (base models)."""
     if is_mlflow_model(uri):
         try:
             saved = (mlflow.models.Model.load(uri).metadata or {}).get("extraction_task")  # no store lookup
         except Exception as err:  # MLflow raises several types for a missing model
             raise InputError(f"cannot load {uri}: {first_line(err)}") from None
-        return Task.from_dict(saved) if saved else E2E
-    return Task.of_model(uri) if Path(uri).is_dir() else E2E
+        return Task.from_dict(saved) if saved else None
+    return Task.of_model(uri) if (Path(uri) / TASK_FILE).is_file() else None
 
 
 def score_model(uri: str, task: Task, inputs: list[str], references: list[str], batch_size: int, max_tokens: int,
@@ -157,12 +162,16 @@ def _parse(argv: list[str] | None) -> tuple[EvaluateArguments, Task]:
         raise InputError(f"--dtype must be one of {', '.join(models.INFERENCE_DTYPES)} (got {args.dtype})")
     if args.dtype == "bfloat16":
         runtime.warn_if_bf16_is_slow("--dtype=bfloat16")
-    if args.register_best and not args.compare_run:
-        raise InputError("--register_best needs --compare_run")
+    if args.register_best is not None:
+        if not args.compare_run:
+            raise InputError("--register_best needs --compare_run")
+        tracking.check_registered_model_name(args.register_best, "--register_best")
     if not args.compare_run and not is_mlflow_model(args.model_uri):
         models.check_source(args.model_uri)  # before the tracking store is created in --job_dir
     data.check_source(args.dataset)
     validation.check_writable(args.job_dir, "--job_dir")
+    if args.output_json is not None:
+        validation.check_writable_file(args.output_json, "--output_json")  # not after the whole evaluation
     return args, task
 
 
@@ -170,10 +179,20 @@ def _run(argv: list[str] | None) -> None:
     args, flags = _parse(argv)
     settings = tracking.TrackingSettings.from_env(args.job_dir)
     datasets.disable_progress_bars()
-    tracking.connect(settings, args.job_dir)
+    # The store is written (a local one created) only to log the results, after every check;
+    # runs:/ and models:/ URIs need one that exists.
+    store = tracking.local_store(settings.uri)
+    reads_store = bool(args.compare_run) or args.model_uri.startswith(("runs:/", "models:/"))
+    if store is not None and not store.exists() and reads_store:
+        raise InputError(f"{args.compare_run or args.model_uri}: no tracking store at {store} "
+                         "(set --job_dir to the fine-tuning job's folder, or MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(settings.uri)  # to read runs:/ and models:/; the experiment is made only to log
     models_ = candidates(args.compare_run) if args.compare_run else [(None, 0, args.model_uri)]
-    saved = task_of(models_[-1][2])  # a run's checkpoints share one task; its base model is scored on it
-    splits, task = _load(args.dataset, saved, flags)
+    saved = saved_task(models_[-1][2])  # a run's checkpoints share one task; its base model is scored on it
+    if saved and flags.output_format and flags.output_format != saved.output_format:
+        raise InputError(f"--output_format={flags.output_format}, but {models_[-1][2]} was trained for "
+                         f"{saved.output_format} (the task saved with it); leave the flag out")
+    splits, task = _load(args.dataset, saved or E2E, flags)
     if args.split not in splits:
         raise InputError(f"dataset {args.dataset} has no {args.split} split (found: {', '.join(splits)})")
     split = data.head(splits[args.split], args.max_samples)
@@ -184,6 +203,7 @@ def _run(argv: list[str] | None) -> None:
     best = max(rows, key=lambda r: (r["f1"], r["step"])) if args.compare_run else None  # ties: the later one
     print_table(rows, best["name"] if best else None)
 
+    tracking.connect(settings, args.job_dir)
     scored = f"compare-{args.compare_run[:8]}" if args.compare_run else tracking.model_label(args.model_uri)
     tags = {"task": "extraction", "output_format": task.output_format, "kind": "evaluation"}
     with mlflow.start_run(run_name=f"evaluate-{scored}-{args.split}", tags=tags):

@@ -54,13 +54,16 @@ class FineTuneJob:
     def run(self) -> None:
         self.prepare_data()  # bad data is refused before anything is written
         lock = outputlock.hold(self.training.output_dir) if self.process.is_main else contextlib.nullcontext()
-        with lock, tracking.job_run(self.config.tracking, self.process, output_dir=self.training.output_dir,
-                                    run_name=self.training.run_name or tracking.default_run_name(self.config.model.model),
-                                    resume=bool(self.training.resume_from_checkpoint),
-                                    device=self.training.device) as run:
-            self.setup(run)
-            self.train()
-            self.finish(run)
+        with lock:
+            if self.process.is_main:  # inside the lock: no other job is writing there
+                job_config.quarantine_partial(self.training.output_dir)
+            with tracking.job_run(self.config.tracking, self.process, output_dir=self.training.output_dir,
+                                  run_name=self.training.run_name or tracking.default_run_name(self.config.model.model),
+                                  resume=bool(self.training.resume_from_checkpoint),
+                                  device=self.training.device) as run:
+                self.setup(run)
+                self.train()
+                self.finish(run)
         runtime.leave()
 
     def prepare_data(self) -> None:

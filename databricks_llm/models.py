@@ -98,8 +98,21 @@ def check_source(model: str, role: str = "model") -> None:
             raise InputError(f"model folder {model} has no config.json (not a Hugging Face model folder)")
     elif looks_like_path(model):
         raise InputError(f"model path {model} does not exist")
+    elif not _is_hub_id(model):
+        raise InputError(f"--{role} {model!r} is neither an existing path nor a hub id (org/name)")
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(model):
         raise InputError(f"'{model}' is not a local path and the hub is offline (HF_HUB_OFFLINE=1); pass a local folder or .gguf file")
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _check_gguf(path: Path, role: str) -> None:
@@ -115,7 +128,8 @@ def _check_model_folder(path: Path) -> None:
     from transformers import CONFIG_MAPPING
 
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        return  # a LoRA adapter folder: its base model is checked when PEFT loads it
+        _check_adapter_folder(path)  # a LoRA adapter folder: its base model is checked when PEFT loads it
+        return
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
@@ -140,6 +154,21 @@ def _check_model_folder(path: Path) -> None:
     for file in weights:
         if file.suffix == ".safetensors":
             safetensors_header(file)
+
+
+def _check_adapter_folder(path: Path) -> None:
+    """adapter_config.json parses to an object; the adapter's weights are there and whole."""
+    try:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"adapter folder {path}: adapter_config.json is not readable JSON ({first_line(err)})") from None
+    if not isinstance(adapter, dict):
+        raise InputError(f"adapter folder {path}: adapter_config.json is not a JSON object")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        safetensors_header(weights)
+    elif not (path / "adapter_model.bin").is_file():
+        raise InputError(f"adapter folder {path} has no weights (no adapter_model.safetensors or adapter_model.bin)")
 
 
 def safetensors_header(file: Path) -> dict[str, Any]:

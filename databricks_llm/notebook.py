@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from databricks_llm import logs
+from databricks_llm import logs, outputlock
+from databricks_llm.errors import InputError, exit_code, first_line
+from databricks_llm.redaction import redact_text
 
 log = logging.getLogger("databricks_llm.notebook")  # by name: this module also runs as __main__
 
@@ -114,8 +117,50 @@ def log_executed(folder: Path, job_dir: str) -> None:
     tracking.survive("reading the job's summary", lambda: summary.say_run(run_id))
 
 
+def unique_folder(parent: Path) -> Path:
+    """A new <parent>/<date-time>[-N] folder: chains started in the same second get one each."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise InputError(f"--output {parent}: no free folder name for {stamp}")
+
+
+def declared_parameters(notebook: Path) -> dict[str, type]:
+    """Name -> type of each default in a notebook's `parameters` cell."""
+    import ast
+
+    import nbformat
+
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: type(ast.literal_eval(node.value)) for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+
+def check_parameters(parameters: list[dict[str, Any]], chain: tuple[str, ...] = CHAIN) -> None:
+    """Each parameter is one the notebook declares (papermill itself only warns) and of its default's
+    type (an int passes for a float)."""
+    for notebook, params in zip(chain, parameters):
+        declared = declared_parameters(NOTEBOOKS / notebook)
+        for name, value in params.items():
+            if name not in declared:
+                raise InputError(f"{notebook} has no parameter {name} (it takes {', '.join(declared)})")
+            expected = declared[name]
+            accepted = (int, float) if expected is float else expected
+            if not isinstance(value, accepted) or isinstance(value, bool) != (expected is bool):
+                raise InputError(f"{notebook} parameter {name} must be {expected.__name__} (got {value!r})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the notebooks headless with papermill, chained.")
+    """CLI entry point: exit 2 with one `error:` line on bad flags, 1 when a notebook cell fails."""
+    from databricks_llm import validation
+
+    parser = validation.strict(argparse.ArgumentParser(description="Run the notebooks headless with papermill, chained."))
     parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
     parser.add_argument("--output", type=Path, default=Path("outputs/notebooks"),
                         help="executed notebooks go to <output>/<date-time>/")
@@ -123,22 +168,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="override the model of every notebook")
     parser.add_argument("--dataset", help="override the data-preparation source")
     parser.add_argument("--sweep", action="store_true", help="data prep, then the hyperparameter sweep (04_sweep)")
-    args = parser.parse_args(argv)
-    logs.setup()
-    from papermill.exceptions import PapermillExecutionError
+    failed = []
 
-    output = args.output.resolve() / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        if args.sweep:
-            run_chain(sweep_parameters(args.profile, args.work_dir.resolve(), args.model, args.dataset), output,
-                      SWEEP_CHAIN)
-        else:
-            run_chain(chain_parameters(args.profile, args.work_dir.resolve(), args.model, args.dataset), output)
-    except PapermillExecutionError as err:
-        print(f"error: notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue} (see {output})",
-              file=sys.stderr)
+    def run() -> None:
+        from papermill.exceptions import PapermillExecutionError
+
+        args = parser.parse_args(argv)
+        logs.setup()
+        chain, build = (SWEEP_CHAIN, sweep_parameters) if args.sweep else (CHAIN, chain_parameters)
+        parameters = build(args.profile, args.work_dir.resolve(), args.model, args.dataset)
+        check_parameters(parameters, chain)
+        for flag, value in (("--output", args.output), ("--work_dir", args.work_dir)):
+            validation.check_writable(str(value), flag)
+        job_dir = parameters[1].get("output_dir") or parameters[1]["sweep_dir"]
+        with outputlock.hold(job_dir):  # the chain's job folder, before any launcher picks a port
+            os.environ[outputlock.HOLDER_ENV] = str(os.getpid())  # the chain's own job shares the lock
+            output = unique_folder(args.output.resolve())
+            try:
+                run_chain(parameters, output, chain)
+            except PapermillExecutionError as err:
+                failed.append(f"error: notebook failed in cell {err.exec_count}: {err.ename}: "
+                              f"{first_line(err.evalue)} (see {output})")
+
+    code = exit_code(run)
+    if failed:
+        print(redact_text(failed[0]), file=sys.stderr, flush=True)
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from pathlib import Path
 from databricks_llm.errors import InputError
 
 LOCK_FILE = ".databricks_llm.lock"
+# Set by a process that holds a folder's lock for the jobs it starts (the notebook chain runner):
+# a job whose lock holder has this pid runs inside that lock instead of being refused.
+HOLDER_ENV = "DATABRICKS_LLM_LOCK_HOLDER"
 
 
 def _alive(pid: int) -> bool:
@@ -34,9 +37,17 @@ def _holder(lock: Path) -> dict | None:
         return None  # unreadable or half-written by a job killed while taking it
     if not isinstance(holder, dict):
         return None
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise InputError(f"{lock} is not a lock a job wrote (pid {pid!r}): delete it if no job is using the folder")
+    if holder.get("host") == socket.gethostname() and not _alive(pid):
         return None
     return holder
+
+
+def _held_for_us(holder: dict) -> bool:
+    """The lock is our launcher's, taken for us (HOLDER_ENV)."""
+    return holder.get("host") == socket.gethostname() and str(holder.get("pid")) == os.environ.get(HOLDER_ENV)
 
 
 @contextlib.contextmanager
@@ -44,7 +55,8 @@ def hold(output_dir: str) -> Iterator[None]:
     """Hold `<output_dir>/.databricks_llm.lock` for the job (global rank 0 takes it for all ranks).
 
     A live holder makes this an InputError naming its pid, host and start time; a lock left by a
-    killed job on this host is taken over. The lock is removed when the job ends, and so is the
+    killed job on this host is taken over; one held by the process named in HOLDER_ENV (the chain
+    runner that started this job) is shared. The lock is removed when the job ends, and so is the
     folder if this made it and nothing else was written there.
     """
     folder = Path(output_dir)
@@ -57,6 +69,9 @@ def hold(output_dir: str) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _holder(lock)
+            if holder is not None and _held_for_us(holder):
+                yield
+                return
             if holder is not None:
                 raise InputError(f"--output_dir {output_dir} is in use by another job (pid {holder.get('pid')} on "
                                  f"{holder.get('host')}, started {holder.get('started')}); wait for it, pick another "

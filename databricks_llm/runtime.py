@@ -29,7 +29,7 @@ if not torch.cuda.is_available():  # said explicitly, or DeepSpeed prints "Setti
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +41,7 @@ def set_distributed_env_defaults() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_process_group(use_deepspeed: bool) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from databricks_llm import search_space
 from databricks_llm.errors import InputError, exit_code
-from databricks_llm.validation import parse_bool, refusing
+from databricks_llm.validation import parse_bool, strict
 
 log = logging.getLogger("databricks_llm.sweep")
 # Set per trial by the sweep: the same value for every trial would make them share files.
@@ -62,7 +62,7 @@ def argument_parser() -> argparse.ArgumentParser:
     add("--alias", default="champion", help="Alias of the registered best checkpoint.")
     add("--spark", type=parse_bool, default=False, help="Run each trial as a Spark task sharing the study's storage.")
     add("--master", help="Spark master when no session is active (default: local[--parallel]).")
-    return refusing(parser)
+    return strict(parser)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
 from databricks_llm import __version__, runtime, validation
 from databricks_llm.errors import InputError, first_line
@@ -43,11 +44,13 @@ DEFAULT_EXPERIMENT = "databricks_llm"
 # as GenAI "Agent versions".
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_FILE = "mlflow_run_id"
-# The seed's call passes an int max_tokens; MLflow then needs it in every row of a request or in none.
+# A row's settings are `Any` columns: with typed ones, MLflow's server casts a request's values
+# before the model sees them ("false" -> True, 10.5 -> 10); the pyfunc checks their types itself.
 # The same settings are also declared as params (MLflow's convention); a row's own value wins.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt"), ColSpec("double", "temperature", required=False),
-                   ColSpec("long", "max_tokens", required=False), ColSpec("boolean", "structured_decoding", required=False)]),
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec(AnyType(), "temperature", required=False),
+                   ColSpec(AnyType(), "max_tokens", required=False),
+                   ColSpec(AnyType(), "structured_decoding", required=False)]),
     outputs=Schema([ColSpec("string")]),
     params=ParamSchema([ParamSpec("temperature", "double", 0.0), ParamSpec("max_tokens", "long", 128),
                         ParamSpec("structured_decoding", "boolean", STRUCTURED_DEFAULT)]),
@@ -97,16 +100,20 @@ class TrackingSettings:
 
     @classmethod
     def from_env(cls, output_dir: str) -> TrackingSettings:
-        """The settings for a job writing to `output_dir`; a malformed variable is an InputError
-        naming it, before anything is loaded or written."""
+        """The settings for a job writing to `output_dir`; a malformed variable, or a tracking or
+        registry host that does not answer, is an InputError naming it, before anything is loaded
+        or written."""
         validation.check_env(ENVIRONMENT)
         env = os.environ
 
         def flag(name: str, default: bool) -> bool:
             return validation.boolean(env[name]) if env.get(name) else default
 
+        uri = tracking_uri(output_dir)
+        for target in {uri, env.get("MLFLOW_REGISTRY_URI") or uri}:
+            check_reachable(target)  # seconds, not the clients' minutes of retries
         return cls(
-            uri=tracking_uri(output_dir), experiment=env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+            uri=uri, experiment=env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
             run_id=env.get("MLFLOW_RUN_ID") or None, nested=flag("MLFLOW_NESTED_RUN", False),
             tags=validation.json_object(env["MLFLOW_TAGS"]) if env.get("MLFLOW_TAGS") else {},
             flatten_params=flag("MLFLOW_FLATTEN_PARAMS", False), log_checkpoints=flag("HF_MLFLOW_LOG_ARTIFACTS", True),
@@ -126,6 +133,23 @@ def check_report_to(report_to: list[str]) -> None:
                          f"(available here: {', '.join(sorted(available)) or 'none'})")
 
 
+MAX_MODEL_NAME_LENGTH = 256  # the registry's name column
+
+
+def check_registered_model_name(name: str, flag: str) -> None:
+    """A name the Model Registry accepts (MLflow's own rule: not blank, no `/` or `:`, no `..`
+    path parts), checked before training rather than refused after it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as err:
+        raise InputError(f"{flag} {name!r} is not a valid model name: {first_line(err.message)}") from None
+    if len(name) > MAX_MODEL_NAME_LENGTH or not name.isprintable():
+        raise InputError(f"{flag} must be printable and at most {MAX_MODEL_NAME_LENGTH} characters (got {len(name)})")
+
+
 def tracking_uri(output_dir: str) -> str:
     """MLFLOW_TRACKING_URI, else Databricks when host+token are set or on a Databricks cluster,
     else <output_dir>/mlflow.db."""
@@ -135,6 +159,34 @@ def tracking_uri(output_dir: str) -> str:
             os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         return "databricks"
     return f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+PROBE_SECONDS = 5.0
+
+
+def check_reachable(uri: str) -> None:
+    """A TCP connection to the tracking target's host opens within PROBE_SECONDS (MLflow's and the
+    Databricks SDK's own retries can wait minutes on a host that is down). Local stores pass."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if uri.startswith("databricks"):
+        host = os.environ.get("DATABRICKS_HOST", "")
+        if not host:
+            return  # a profile in ~/.databrickscfg, or a Databricks cluster's own workspace
+        service, url = "Databricks host (DATABRICKS_HOST)", host if "://" in host else f"https://{host}"
+    elif uri.startswith(("http://", "https://")):
+        service, url = "MLflow tracking server", uri
+    else:
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=PROBE_SECONDS):
+            pass
+    except (OSError, ValueError) as err:
+        raise InputError(f"{service} {redact_text(url)} is not reachable within {PROBE_SECONDS:g}s: "
+                         f"{first_line(err, 120)}") from None
 
 
 def connect(settings: TrackingSettings, output_dir: str) -> str:
@@ -147,7 +199,7 @@ def connect(settings: TrackingSettings, output_dir: str) -> str:
     (MLflow reads all of these from the environment, so that is where they are set).
     """
     uri, run_id = settings.uri, settings.run_id
-    store = _local_store(uri)
+    store = local_store(uri)
     if run_id and store is not None and not store.exists():
         raise InputError(f"MLFLOW_RUN_ID={run_id}: no such run (the local store {uri} does not exist yet)")
     mlflow.set_tracking_uri(uri)
@@ -210,13 +262,13 @@ def end_run(status: str, seconds: float = END_RUN_SECONDS) -> None:
     survive(f"marking the run {status}", lambda: mlflow.end_run(status))
 
 
-def _local_store(uri: str) -> Path | None:
+def local_store(uri: str) -> Path | None:
     """The SQLite file behind a `sqlite:///` URI, else None."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def _reserve_path() -> Path | None:
-    store = _local_store(mlflow.get_tracking_uri())
+    store = local_store(mlflow.get_tracking_uri())
     return store.with_name(RESERVE_FILE) if store is not None else None
 
 
@@ -299,7 +351,9 @@ def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resum
         mlflow.system_metrics.set_system_metrics_node_id(node_id)
     run_file = Path(output_dir) / RUN_ID_FILE
     run_id = settings.run_id or (run_file.read_text().strip() if resume and run_file.exists() else None)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=settings.nested,
+    if run_file.exists() and not run_id:
+        close_left_running(run_file.read_text().strip())
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else redact_text(run_name), nested=settings.nested,
                            log_system_metrics=settings.system_metrics)
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -309,6 +363,20 @@ def _start_run(settings: TrackingSettings, output_dir: str, run_name: str, resum
     except BaseException as err:  # a full disk, Ctrl-C: the run must not stay RUNNING
         end_run(status_after(err))
         raise
+
+
+def close_left_running(run_id: str) -> None:
+    """End the folder's previous run as FAILED when it is still RUNNING and not being resumed: its job
+    died (kill -9, a full disk, a server that went away) before it could end it. This job holds the
+    folder's lock, so no job is writing to it."""
+    def close() -> None:
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "databricks_llm.ended_by", "the next job in its folder: its own job died")
+            client.set_terminated(run_id, "FAILED")
+            print(f"[mlflow] run {run_id} was left RUNNING by a job that died: marked FAILED", flush=True)
+
+    survive(f"closing the folder's previous run {run_id}", close)
 
 
 def _node_system_metrics(run_id: str, uri: str, node: int) -> Any:
@@ -374,7 +442,7 @@ def log_dataset(frame: Any, source: str, context: str) -> None:
     """Record a split as a run input (MLflow computes its digest)."""
     from mlflow.data.pandas_dataset import from_pandas
 
-    name = Path(source).name if Path(source).exists() else source
+    name = redact_text(Path(source).name if Path(source).exists() else source)
     mlflow.log_input(from_pandas(frame, name=f"{name}:{context}", targets="output"), context=context)
 
 

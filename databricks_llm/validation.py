@@ -30,8 +30,29 @@ def parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, yes/no, on/off or 1/0 (got {value!r})")
 
 
+def strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with abbreviations off (`--learning_rat=0.1` is not --learning_rate), every unknown
+    flag refused, and its errors raised as InputErrors (one `error:` line, exit 2) instead of
+    argparse's usage text."""
+    parser.allow_abbrev = False
+    parse_known_args = parser.parse_known_args
+
+    def fail(message: str) -> None:
+        raise InputError(message)
+
+    def parse_known_args_strictly(args=None, namespace=None):
+        namespace, unknown = parse_known_args(args, namespace)
+        if unknown:
+            raise InputError(f"unknown flag {' '.join(unknown)} (see --help)")
+        return namespace, []
+
+    parser.error = fail
+    parser.parse_known_args = parse_known_args_strictly
+    return parser
+
+
 def argument_parser(dataclass_types: Any, description: str):
-    """HfArgumentParser whose errors are InputErrors and whose booleans go through `parse_bool`."""
+    """`strict` HfArgumentParser whose booleans go through `parse_bool`."""
     from transformers import HfArgumentParser
     from transformers.hf_argparser import string_to_bool
 
@@ -39,17 +60,7 @@ def argument_parser(dataclass_types: Any, description: str):
     for action in parser._actions:  # HfArgumentParser builds them from the dataclass fields
         if action.type is string_to_bool:
             action.type = parse_bool
-
-    return refusing(parser)
-
-
-def refusing(parser: Any) -> Any:
-    """`parser` with its errors raised as InputErrors (one line, exit 2) instead of argparse's usage text."""
-    def fail(message: str) -> None:
-        raise InputError(message)
-
-    parser.error = fail
-    return parser
+    return strict(parser)
 
 
 @dataclass(frozen=True)
@@ -83,13 +94,18 @@ PROBABILITY = Range(0, 1, high_open=True)
 def check_ranges(values: Any, ranges: Mapping[str, Range]) -> None:
     """Every number of a dataclass instance (parsed flags) is finite and inside `ranges[flag]`
     where given; None means unset and passes."""
-    for f in dataclasses.fields(values):
-        value = getattr(values, f.name)
-        valid = ranges.get(f.name)
+    check_values({f.name: getattr(values, f.name) for f in dataclasses.fields(values)}, ranges)
+
+
+def check_values(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None:
+    """`check_ranges` of flag name -> value (as parsed, before a dataclass's __post_init__ replaces
+    some: TrainingArguments reads --eval_steps=0 as "use --logging_steps")."""
+    for name, value in values.items():
+        valid = ranges.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not math.isfinite(value) or (valid is not None and value not in valid):
-            raise InputError(f"--{f.name} must be {valid or 'finite'} (got {value})")
+            raise InputError(f"--{name} must be {valid or 'finite'} (got {value})")
 
 
 def number(kind: type, valid: Range) -> Callable[[str], float]:
@@ -177,14 +193,27 @@ def check_writable(value: str, what: str) -> None:
 
 
 MAX_TOKENS_CAP = 512
+MAX_TEMPERATURE = 10.0  # past this sampling is noise; huge values overflow the logits' division in torch
+MIN_TEMPERATURE = 1e-3  # a positive temperature below this overflows float32 logits (use 0: greedy)
 
 
 def check_settings(temperature: float, max_tokens: float, prefix: str = "") -> tuple[float, int]:
     """The one check of generation settings, for serving requests and `evaluate` flags alike:
-    a finite temperature >= 0 and an integer max_tokens in 1..MAX_TOKENS_CAP. `prefix` names
-    where they came from in the message (`row 3: `, `--`)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"{prefix}temperature must be a finite number >= 0 (got {temperature})")
+    temperature 0 (greedy) or in MIN_TEMPERATURE..MAX_TEMPERATURE, and an integer max_tokens in
+    1..MAX_TOKENS_CAP. `prefix` names where they came from in the message (`row 3: `, `--`)."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN fails both
+        raise InputError(f"{prefix}temperature must be a finite number, 0 (greedy) or in "
+                         f"{MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g} (got {temperature})")
     if not (0 < max_tokens <= MAX_TOKENS_CAP and max_tokens == int(max_tokens)):
         raise InputError(f"{prefix}max_tokens must be an integer in 1..{MAX_TOKENS_CAP} (got {max_tokens})")
     return float(temperature), int(max_tokens)
+
+
+def check_writable_file(value: str, what: str) -> None:
+    """`value` names a file that can be written here: not a folder, its folder `check_writable`."""
+    if not value.strip():
+        raise InputError(f"{what} is empty")
+    path = Path(value)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    check_writable(str(path.parent), f"{what} {path}: the folder")

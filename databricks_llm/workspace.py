@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from databricks_llm import logs
+from databricks_llm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,33 @@ def export_databricks_credentials(namespace: dict[str, Any]) -> None:
                     "DATABRICKS_HOST and DATABRICKS_TOKEN (e.g. from a secret scope) to log to the workspace")
 
 
+PAPERMILL_CELL = "# Parameters\n"  # how papermill's injected-parameters cell starts (its Python translator)
+
+
+def refuse_unknown_parameters(namespace: dict[str, Any], names: list[str]) -> None:
+    """Papermill only warns about a parameter the notebook does not take (`-p max_step 5`) and runs
+    with the default: here it is refused, naming the parameters the notebook takes. The injected
+    names are read from the kernel's cell history (`In`), so a re-run in Jupyter is not affected."""
+    import ast
+
+    injected = next((cell for cell in reversed(namespace.get("In") or []) if cell.startswith(PAPERMILL_CELL)), "")
+    try:
+        given = [node.targets[0].id for node in ast.parse(injected).body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)]
+    except SyntaxError:
+        return
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise InputError(f"unknown notebook parameter {', '.join(unknown)}: this notebook takes {', '.join(names)}")
+
+
 def widget_values(namespace: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """On Databricks, one text widget per parameter (default: its current value), read back
-    with the default's type; elsewhere the values are returned unchanged."""
+    with the default's type; elsewhere the values are returned unchanged. Unknown parameters
+    (papermill's) are refused first."""
     from databricks_llm.validation import parse_bool  # the one bool parser of every CLI
 
+    refuse_unknown_parameters(namespace, names)
     dbutils = namespace.get("dbutils")
     values = {name: namespace[name] for name in names}
     if dbutils is None:
@@ -206,3 +229,20 @@ def choose_launch(launcher: str = "auto", ds_config: str = "auto", cuda: bool | 
             return Launch(launcher, "auto", f"{reason}, DeepSpeed config from the job's memory plan")
         return Launch(launcher, str(configs / "ds_zero_2.json"), f"{reason}, ds_zero_2.json")
     return Launch(launcher, resolve_path(ds_config) if ds_config else None, f"{reason}, {ds_config or 'no DeepSpeed config'}")
+
+
+def run_job(command: str) -> None:
+    """Run a shell command (the fine-tuning launcher) with its output streamed into the notebook;
+    on failure raise with the job's own `error:` line, not just its exit code."""
+    import subprocess
+
+    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1)
+    reason = None
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("error:"):
+            reason = line.strip()
+    code = process.wait()
+    if code != 0:
+        raise RuntimeError(f"fine-tuning failed with exit code {code}" + (f": {reason}" if reason else ""))

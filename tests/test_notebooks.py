@@ -59,9 +59,9 @@ def test_committed_notebook_is_clean_with_setup_then_parameters(name):
 def test_fine_tune_notebook_launches_deepspeed_from_the_kernel_env_and_checks_its_exit():
     source = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / "02_fine_tune.ipynb", as_version=4).cells)
     assert 'Path(sys.executable).parent / "deepspeed"' in source
-    assert "{DEEPSPEED} --num_gpus={num_gpus} --module databricks_llm.fine_tune" in source
+    assert "{DEEPSPEED} --num_gpus={num_gpus} --master_port={free_port()} " in source
     assert "run_on_spark(shlex.split(JOB_FLAGS)" in source
-    assert "_exit_code != 0" in source
+    assert "workspace.run_job(" in source
 
 
 def execute(notebook: str, output: Path, cwd: Path, parameters: dict | None = None) -> Path:
@@ -246,3 +246,23 @@ def test_fine_tune_notebook_can_train_through_spark(tiny_model, tmp_path, monkey
         " --eval_generation_samples=2"})
     assert (tmp_path / "final" / "adapter_model.safetensors").exists() and (job / "checkpoint-2").is_dir()
     assert "best or last checkpoint: runs:/" in (tmp_path / "out.ipynb").read_text()
+
+
+def test_chains_started_in_the_same_second_get_a_folder_each(tmp_path):
+    from databricks_llm.notebook import unique_folder
+
+    folders = [unique_folder(tmp_path) for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() and f.parent == tmp_path for f in folders)
+
+
+def test_runner_parameters_are_checked_against_each_notebooks_parameters_cell(tmp_path):
+    from databricks_llm.errors import InputError
+    from databricks_llm.notebook import chain_parameters, check_parameters
+
+    for profile in PROFILES:
+        check_parameters(chain_parameters(profile, tmp_path, "some/model", "data.csv"))
+    parameters = chain_parameters("ci", tmp_path)
+    with pytest.raises(InputError, match="02_fine_tune.ipynb has no parameter max_step "):
+        check_parameters([parameters[0], {**parameters[1], "max_step": 3}, parameters[2]])
+    with pytest.raises(InputError, match="02_fine_tune.ipynb parameter max_steps must be int .got 'ten'."):
+        check_parameters([parameters[0], {**parameters[1], "max_steps": "ten"}, parameters[2]])

@@ -31,7 +31,7 @@ def test_defaults_are_greedy_and_128_tokens_and_params_override_them():
 
 def test_structured_decoding_comes_from_params_or_the_row():
     assert parse_request([{"prompt": "a"}], params={"structured_decoding": not S})[0][3] is (not S)
-    assert parse_request([{"prompt": "a", "structured_decoding": "true"}], params={"structured_decoding": False})[0][3] is True
+    assert parse_request([{"prompt": "a", "structured_decoding": True}], params={"structured_decoding": False})[0][3] is True
 
 
 def test_dataframe_rows_with_missing_values_use_defaults():
@@ -44,17 +44,51 @@ def test_dataframe_rows_with_missing_values_use_defaults():
     ({"prompt": "   "}, "non-empty string"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens must be an integer in 1.."),
     ({"prompt": "a", "max_tokens": MAX_TOKENS_CAP + 1}, "max_tokens must be an integer in 1.."),
-    ({"prompt": "a", "temperature": -0.1}, "temperature must be a finite number >= 0"),
-    ({"prompt": "a", "temperature": "hot"}, "temperature must be a number"),
+    ({"prompt": "a", "temperature": -0.1}, "temperature must be a finite number, 0 .greedy. or in 0.001..10"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature must be a JSON number"),
     ({"prompt": "a", "temperature": float("inf")}, "temperature must be a finite number"),
+    ({"prompt": "a", "temperature": float("nan")}, r"temperature must be a finite number.*\(got nan\)"),
+    ({"prompt": "a", "temperature": 1e300}, "in 0.001..10 .got 1e.300."),
+    ({"prompt": "a", "temperature": 1e-300}, "in 0.001..10"),
     ({"prompt": "a", "max_tokens": 2.5}, "max_tokens must be an integer in 1.."),
+    ({"prompt": "a", "max_tokens": "12"}, "max_tokens must be a JSON number .got '12'."),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens must be a JSON number .got True."),
     ({"prompt": 42}, "'prompt' is required"),
     ("just a string", "expected a dict, list or DataFrame"),
-    ({"prompt": "a", "structured_decoding": "maybe"}, "structured_decoding must be true or false"),
+    ({"prompt": "a", "structured_decoding": "maybe"}, "structured_decoding must be a JSON boolean"),
+    ({"prompt": "a", "structured_decoding": "false"}, "structured_decoding must be a JSON boolean"),
+    ({"prompt": "a", "structured_decoding": "no"}, "structured_decoding must be a JSON boolean"),
+    ({"prompt": "a", "structured_decoding": 0}, "structured_decoding must be a JSON boolean"),
 ])
 def test_bad_requests_are_refused_with_the_reason(request_, message):
     with pytest.raises(InputError, match=message):
         parse_request(request_)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"temperature": 1e6}, "in 0.001..10"),
+    ({"max_tokens": 10.5}, "max_tokens must be an integer"),
+    ({"structured_decoding": "false"}, "params: structured_decoding must be a JSON boolean"),
+])
+def test_bad_params_are_refused_with_the_reason(params, message):
+    with pytest.raises(InputError, match=message):
+        parse_request([{"prompt": "a"}], params)
+
+
+def test_a_dataframe_column_sent_as_nan_is_refused_and_a_missing_value_takes_the_default():
+    with pytest.raises(InputError, match="temperature must be a finite number"):
+        parse_request(pd.DataFrame([{"prompt": "a", "temperature": float("nan")}]))
+    frame = pd.DataFrame([{"prompt": "a", "max_tokens": 4}, {"prompt": "b"}])  # pandas: 4.0 and NaN
+    assert parse_request(frame) == [("a", 0.0, 4, S), ("b", 0.0, DEFAULT_MAX_TOKENS, S)]
+
+
+def test_predict_refuses_with_an_mlflow_invalid_parameter_error_whose_message_is_the_reason(served):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="row 0: max_tokens must be an integer") as refused:
+        served.predict(None, {"prompt": "a", "max_tokens": 10.5})
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_predict_returns_each_rows_own_answer_in_request_order(served):

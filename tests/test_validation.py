@@ -87,3 +87,63 @@ def test_a_job_refused_before_writing_leaves_no_output_folder(tmp_path):
         with outputlock.hold(str(tmp_path / "new")):
             raise InputError("refused")
     assert not (tmp_path / "new").exists()
+
+
+MASKING_SCRIPT = r"""
+import io, logging, sys
+import mlflow  # its loggers get their handlers on import, before `install`
+from databricks_llm import redaction
+
+redaction.install()
+later = logging.getLogger("library.made.later")
+later.addHandler(logging.StreamHandler(sys.stderr))
+uri = "http://alice:s3cretpass@127.0.0.1:9/api"
+logging.getLogger("mlflow.utils.async_logging").error("flush to %s failed", uri)
+later.warning("token %s, everyday: false true 1", "tok-very-secret-1")
+try:
+    raise ConnectionError(f"cannot reach {uri}")
+except ConnectionError:
+    logging.getLogger("mlflow.system_metrics").exception("monitor died")
+print("dataset /data/tok-very-secret-1/train.csv")
+"""
+
+
+def test_every_logger_print_and_traceback_of_the_process_is_masked_after_install():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MY_API_TOKEN": "tok-very-secret-1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "true", "SOME_PASSWORD": "1"}
+    result = subprocess.run([sys.executable, "-c", MASKING_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "s3cretpass" not in output and "tok-very-secret-1" not in output, output
+    assert output.count("http://alice:***@127.0.0.1:9/api") == 2, output  # MLflow's logger, the exception
+    assert "everyday: false true 1" in output and "dataset /data/***/train.csv" in output
+
+
+def test_secret_names_are_name_parts_and_everyday_values_are_never_secrets(monkeypatch):
+    from databricks_llm.redaction import SECRET_NAME, secret_values
+
+    assert all(SECRET_NAME.search(n) for n in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "hub_token"))
+    assert not any(SECRET_NAME.search(n) for n in ("TOKENIZERS_PARALLELISM", "include_tokens_per_second", "max_tokens", "PWD"))
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "true")
+    monkeypatch.setenv("SHORT_TOKEN", "abc")
+    assert not {"true", "abc"} & secret_values()
+
+
+def test_a_lock_taken_by_the_launcher_named_in_the_environment_is_shared(tmp_path, monkeypatch):
+    with outputlock.hold(str(tmp_path)):
+        monkeypatch.setenv(outputlock.HOLDER_ENV, str(os.getpid()))
+        with outputlock.hold(str(tmp_path)):  # the chain runner's own job
+            assert (tmp_path / outputlock.LOCK_FILE).exists()
+        assert (tmp_path / outputlock.LOCK_FILE).exists()  # still the runner's
+    assert not (tmp_path / outputlock.LOCK_FILE).exists()
+
+
+def test_a_tracking_host_that_does_not_answer_is_refused_in_seconds_naming_the_service(monkeypatch):
+    from databricks_llm.tracking import check_reachable
+
+    monkeypatch.setenv("DATABRICKS_HOST", "http://127.0.0.1:9")
+    with pytest.raises(InputError, match=r"Databricks host \(DATABRICKS_HOST\) http://127.0.0.1:9 is not reachable"):
+        check_reachable("databricks")
+    with pytest.raises(InputError, match=r"MLflow tracking server http://u:\*\*\*@127.0.0.1:9 is not reachable"):
+        check_reachable("http://u:pw-secret@127.0.0.1:9")
+    check_reachable("sqlite:///x.db")  # local stores are not probed

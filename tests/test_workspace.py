@@ -168,3 +168,14 @@ def test_an_output_folder_is_never_taken_for_a_hub_id(kernel_folder, tmp_path):
     assert workspace.resolve_path("prepared/e2e") == "prepared/e2e"  # an input: could be a hub dataset
     assert workspace.resolve_path("prepared/e2e", folder=True) == str(REPO / "prepared" / "e2e")
     assert workspace.resolve_path("prepared/e2e", str(tmp_path), folder=True) == str(tmp_path / "prepared" / "e2e")
+
+
+def test_a_parameter_papermill_injected_that_the_notebook_does_not_take_is_refused():
+    from databricks_llm.errors import InputError
+
+    history = ["import sys", "model = 'a'\nmax_steps = 40\n", "# Parameters\nmax_step = 5\nmodel = \"b\"\n"]
+    with pytest.raises(InputError, match="unknown notebook parameter max_step: this notebook takes model, max_steps"):
+        workspace.widget_values({"In": history, "model": "b", "max_steps": 40, "max_step": 5}, ["model", "max_steps"])
+    rerun = [*history[:2], "# Parameters\nmax_steps = 5\n", "JOB_FLAGS = '--x'"]  # Jupyter's later cells: not parameters
+    assert workspace.widget_values({"In": rerun, "model": "a", "max_steps": 5, "JOB_FLAGS": "--x"},
+                                   ["model", "max_steps"]) == {"model": "a", "max_steps": 5}
