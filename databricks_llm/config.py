@@ -141,7 +141,8 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
 
     parser = validation.argument_parser((*GROUPS, TrainingArguments), description=description)
     parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not torch.cuda.is_available())
-    namespace, _ = parser.parse_known_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    args = normalise_argv(sys.argv[1:] if argv is None else argv)
+    namespace, _ = parser.parse_known_args(args)
     runtime.check_precision(namespace.fp16, namespace.bf16)
     values = vars(namespace)
     data, task, model, job = (group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)}) for group in GROUPS)

@@ -13,6 +13,7 @@ from databricks_llm import constraints
 from databricks_llm.data import encode_prompts, padded, positions, unwrapped
 from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.task import E2E, Task
+from databricks_llm.validation import check_settings  # noqa: F401  (models logged by 0.1.0 import it from here)
 
 MAX_INPUT_CHARS = 4000
 NARROW_AT_MOST = 0.25  # share of the vocabulary up to which a step projects onto the allowed tokens only

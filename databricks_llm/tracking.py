@@ -61,7 +61,7 @@ JOB_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_
 ASYNC_LOGGING_DEFAULTS = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "5"}
 _MODEL_FILE_SUFFIXES = {".json", ".safetensors", ".model", ".jinja", ".txt"}
 _NOT_MODEL_FILES = {"trainer_state.json"}
-_PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas", "lm-format-enforcer", "outlines-core"]
+_PACKAGES = ["mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "pandas", "outlines-core"]
 # Every variable this project (or MLflow, on our behalf) reads as a value, and how it must parse.
 # MLflow's async logging thread dies on a non-integer buffering time and the job then hangs at exit.
 ENVIRONMENT = {

@@ -93,7 +93,7 @@ def test_a_new_format_class_is_served_held_to_its_format(lines_job, monkeypatch)
     import lines_format  # noqa: F401  (registers the format in this process, as the package would)
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/final_model")
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/checkpoint-2")
     outputs = served.predict([{"prompt": r["sentence"]} for r in sample_data.generate(3, seed=5)],
                              params={"max_tokens": 24})
     for text in outputs:  # each line a known field; each field once
