@@ -187,3 +187,18 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[str, subpr
                      "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                      "--workers", "1"], f"http://127.0.0.1:{port}/health", root / "server.log")
     return f"http://127.0.0.1:{port}", process
+
+
+def loss_and_gradients(model, batches, loss=lambda model, batch: model(**batch).loss) -> list:
+    """(loss, every gradient flattened) of `model` on each batch, from zeroed gradients: two ways of
+    batching the same rows should give the same."""
+    import torch
+
+    results = []
+    for batch in batches:
+        model.zero_grad()
+        value = loss(model, batch)
+        value.backward()
+        results.append((value.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    return results
+

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import QUICK_JOB, REPO, run_module
+from conftest import QUICK_JOB, REPO, loss_and_gradients, run_module
 from databricks_llm import batching, data, sample_data
 from databricks_llm.task import E2E
 
@@ -43,13 +43,8 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(tiny_model, tiny
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
-    results = []
-    for batch in (data.pad_batch(rows, tiny_tokenizer.pad_token_id), batching.packed_batch(rows)):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
-    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = loss_and_gradients(
+        model, (data.pad_batch(rows, tiny_tokenizer.pad_token_id), batching.packed_batch(rows)))
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     torch.testing.assert_close(packed_grads, padded_grads, rtol=1e-4, atol=1e-6)
 

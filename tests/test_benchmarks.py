@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, loss_and_gradients, run_module
 
 pytestmark = pytest.mark.slow
 SUMMARY = re.compile(r"^(\w+): ours [\d.e+-]+ ?\S*, baseline [\d.e+-]+ ?\S*, ratio [\d.]+ ", re.MULTILINE)
@@ -74,13 +74,8 @@ def test_a_shared_prefix_gives_the_loss_and_gradients_of_full_rows(tiny_model, t
     step = trainer(model, rows, None, argparse.Namespace(batch_size=6, bf16=False), str(tmp_path))
     shared = shared_prefix_batch(rows, tokenizer.pad_token_id)
     assert shared["prefix_ids"].shape[1] >= 16
-    results = []
-    for batch in (data.collator(model, tokenizer)(rows), shared):
-        model.zero_grad()
-        loss = step.compute_loss(model, dict(batch))
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
-    (full_loss, full_grads), (shared_loss, shared_grads) = results
+    (full_loss, full_grads), (shared_loss, shared_grads) = loss_and_gradients(
+        model, (data.collator(model, tokenizer)(rows), shared), lambda model, batch: step.compute_loss(model, dict(batch)))
     assert shared_loss == pytest.approx(full_loss, rel=1e-5)
     torch.testing.assert_close(shared_grads, full_grads, rtol=1e-4, atol=1e-6)
 
