@@ -194,3 +194,11 @@ def test_label_ambiguity_bounds_exact_match_by_the_aligners_ties_keys_given_twic
     assert "2 rows, exact match 0.500; with synonym labels taken as equal 1.000 (1 records" in result.stdout
     missing = run_module(script, f"--dataset={tmp_path / 'nowhere'}", launcher=[sys.executable], cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+
+
+def test_format_compile_benchmark_times_each_build_of_the_tasks_format(tiny_model):
+    result = run_module(str(REPO / "benchmarks" / "format_compile.py"), "--dataset=embedded:e2e-sample",
+                        f"--model={tiny_model}", "--repeats=2", launcher=[sys.executable], cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "embedded:e2e-sample: slots, 8 fields, one order in the targets: True" in result.stdout
+    assert len(re.findall(r"^compiled in [\d.]+s$", result.stdout, re.MULTILINE)) == 2
