@@ -167,7 +167,7 @@ def parse(argv: list[str] | None = None, description: str = "") -> JobConfig:
     _check(config)
     if training.resume_from_checkpoint:
         checkpoint = resume_checkpoint(training.resume_from_checkpoint, training.output_dir)
-        config.training = dataclasses.replace(training, resume_from_checkpoint=checkpoint)
+        config.training = dataclasses.replace(config.training, resume_from_checkpoint=checkpoint)  # the plan's changes kept
         if checkpoint is not None:
             _check_steps_left(checkpoint, training.max_steps)
     _check_model(config)
