@@ -177,7 +177,9 @@ def trl_trainer(args, model, raw, task, tokenizer, scratch: str, settings: dict,
     defaults = args.trainer == "trl"  # its defaults: batch 8, gradient checkpointing on
     settings = {k: v for k, v in settings.items() if k != "remove_unused_columns" and not (defaults and k == "gradient_checkpointing")}
     config = SFTConfig(output_dir=scratch, per_device_train_batch_size=8 if defaults else 16,
-                       max_length=args.max_seq_length, completion_only_loss=True,
+                       # padding-free without packing: TRL truncates nothing and wants no max_length (E2E rows are short)
+                       max_length=None if args.trainer == "trl_padding_free" else args.max_seq_length,
+                       completion_only_loss=True,
                        packing=args.trainer == "trl_packing", padding_free=args.trainer == "trl_padding_free", **settings)
     trainer = SFTTrainer(model=model, args=config, train_dataset=conversational, processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **LORA),

@@ -123,7 +123,7 @@ def synonym_report(predictions: Path) -> None:
     table = json.loads(predictions.read_text(encoding="utf-8"))
     records = [dict(zip(table["columns"], row)) for row in table["data"]]
     outputs, references = [r["prediction"] for r in records], [r["reference"] for r in records]
-    right = sum(map(exact, ["slots"] * len(records), outputs, references))
+    right = sum(of("slots").exact(p, r) for p, r in zip(outputs, references))
     forgiving = round(synonym_exact("slots", outputs, references) * len(records))
     print(f"\n{predictions}: {len(records)} rows, exact match {right / len(records):.3f}; "
           f"with synonym labels taken as equal {forgiving / len(records):.3f} "
