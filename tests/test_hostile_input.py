@@ -247,7 +247,7 @@ CASES = [
     Case("input_column_unknown", ["--input_column=body"], "--input_column=body is not a column of dataset embedded:e2e-sample"),
     Case("instruction_file_missing", ["--instruction=@{case}/missing.txt"], "missing.txt: no such file"),
     Case("attention_unknown", ["--attn_implementation=flash"], "--attn_implementation"),
-    Case("output_format_unknown", ["--output_format=xml"], "--output_format must be one of slots, json, text (got xml)"),
+    Case("output_format_unknown", ["--output_format=xml"], "--output_format must be one of json, slots, text (got xml)"),
     Case("targets_not_json", ["--dataset={case}/data.parquet", "--output_format=json"], "target is not a JSON object",
          setup=parquet({"prompt": ["a ticket"] * 8, "completion": ["severity: high"] * 8})),
     # output paths
