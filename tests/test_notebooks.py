@@ -131,7 +131,8 @@ def test_chain_runner_writes_a_timestamped_folder_and_logs_it_to_the_job_run(tmp
     assert "runs:/" in evaluation and SCORED.search(evaluation)
     assert '"image/png"' in json.dumps(nbformat.read(folder / CHAIN[2], as_version=4).cells[-1].outputs)  # base vs tuned
     fine_tune = output_lines(folder / CHAIN[1])
-    assert len(fine_tune) <= 120 and not [line for line in fine_tune if WARNED.search(line)]
+    known = "[runner.py:214:fetch_hostfile] Unable to find hostfile"  # DeepSpeed's launcher, on every one-node run: still open
+    assert len(fine_tune) <= 120 and not [line for line in fine_tune if WARNED.search(line) and known not in line]
     assert not [line for line in output_lines(folder / CHAIN[2]) if WARNED.search(line)]
     assert "[summary] best: checkpoint-2, eval F1" in result.stdout  # the chain ends by saying the job's result
     job = tmp_path / "work" / "checkpoints"

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import optuna
@@ -128,7 +129,9 @@ def resumed_sweep(tiny_model, tmp_path_factory) -> Path:
     (root / "space.yaml").write_text(SPACE)
     command = sweep_command(root / "resumed", root / "space.yaml", tiny_model, "--trials=4", "--parallel=2",
                             "--pruner=none")
-    result = kill_and_resume(command, root / "resumed", after=2)
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'resumed' / 'mlflow.db'}"}  # not one an earlier module left
+    with mock.patch.dict(os.environ, store):
+        result = kill_and_resume(command, root / "resumed", after=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "resumed"
 
