@@ -35,9 +35,8 @@ log = logging.getLogger("databricks_llm.fine_tune")  # by name: this module also
 # accelerate sets the thread count itself, as asked, and says so in every rank: not ours to act on.
 warnings.filterwarnings("ignore", message="OMP_NUM_THREADS/MKL_NUM_THREADS unset", category=UserWarning,
                         module="accelerate.state")
-# PEFT 0.21 asks transformers 5 for a renamed attribute at every LoRA setup: theirs to rename.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                        module="transformers.modeling_utils")
+# The step-0 evaluation (--eval_on_start) reads the learning rate before DeepSpeed's scheduler steps.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "scheduler before it has started" not in record.getMessage())
 
 EXIT_SECONDS = 120  # after the job ends, or a signal, a stuck thread may hold the process this long at most
 STOP = runtime.Stop(EXIT_SECONDS)

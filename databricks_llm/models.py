@@ -24,6 +24,11 @@ from databricks_llm.validation import looks_like_path
 
 log = logging.getLogger(__name__)
 
+# PEFT 0.21 asks transformers 5 for a renamed attribute whenever a LoRA model is set up or loaded:
+# theirs to rename, filtered by message, category and module for every entry point that loads a model.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module="transformers.modeling_utils")
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model")

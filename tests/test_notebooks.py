@@ -25,7 +25,7 @@ TINY_JOB = {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 2,
             "extra_args": PROFILES["ci"]["fine_tune"]["extra_args"]}
 TINY_EVAL = {"max_samples": 4, "max_tokens": 16}
 # Warnings a notebook shows from code paths of ours: fixed at their cause (or filtered narrowly where not ours).
-WARNED = re.compile(r"Warning|WARNING|Setting accelerator to CPU|Add type hints|input example")
+WARNED = re.compile(r"Warning|WARNING|Setting accelerator to CPU|Add type hints|input example was not provided")
 SCORED = re.compile(r"\[evaluate\] \S+: F1 \d\.\d{3}")  # what `evaluate` prints per model
 
 
