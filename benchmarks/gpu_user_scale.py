@@ -5,7 +5,7 @@ one trainer, timed windows; appends one JSON line to --results (benchmarks/gpu.s
     python benchmarks/gpu_user_scale.py --shape=llama-3-8b --trainer=ours --memory_gb=24 --max_seq_length=512 ...
 
 Trainers, all LoRA r 8 on every linear layer (or --use_4bit QLoRA), bf16, the same rows (real
-cleaned E2E where /work/shared or --dataset has them, else the embedded sample):
+cleaned E2E from ../shared/data/e2e_nlg beside the repository, or --dataset, else the embedded sample):
   ours              fine_tune's pieces: the memory plan's token budget and checkpointing for this GPU,
                     packed padding-free batches (databricks_llm/batching.py), FlashAttention varlen
                     where installed else FlexAttention, logits at target positions only
