@@ -13,7 +13,7 @@ from databricks_llm import constraints
 from databricks_llm.data import encode_prompts, padded, positions, unwrapped
 from databricks_llm.formats import STRUCTURED_DEFAULT
 from databricks_llm.task import E2E, Task
-from databricks_llm.validation import check_settings  # noqa: F401  (models logged by 0.1.0 import it from here)
+from databricks_llm.validation import MIN_TEMPERATURE, check_settings  # noqa: F401  (check_settings: models logged by 0.1.0 import it from here)
 
 MAX_INPUT_CHARS = 4000
 NARROW_AT_MOST = 0.25  # share of the vocabulary up to which a step projects onto the allowed tokens only
@@ -105,7 +105,7 @@ def _choose(state: torch.Tensor, head: torch.nn.Module, allowed: list[torch.Tens
     else:
         tokens, scores = None, head(state.contiguous()).float()
     if settings.temperature > 0:
-        scores = scores / max(settings.temperature, 1e-4)
+        scores = scores / max(settings.temperature, MIN_TEMPERATURE)  # requests are refused below it
     if allowed:
         blocked, columns = torch.ones(scores.shape, dtype=torch.bool), None if tokens is None else tokens.cpu()
         for row, ids in enumerate(allowed):
